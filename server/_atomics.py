@@ -1,0 +1,124 @@
+"""Memory-ordering primitives for numba kernels (a seqlock needs them).
+
+Numba has no atomics for host code, and a plain load of a version counter in
+a retry loop may be hoisted or merged by LLVM. These intrinsics emit LLVM
+atomic loads/stores and fences on a uint64 array element, so the optimistic
+version protocol in ``server.cuckoo`` holds under the C++/LLVM memory model,
+not just by luck of x86's strong ordering (on x86 they compile to plain moves
+plus compiler barriers: no cost on the lookup path).
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _element_pointer(context, builder, arr_type, arr_value, index_type, index_value):
+    array = context.make_array(arr_type)(context, builder, arr_value)
+    index = context.cast(builder, index_value, index_type, types.intp)
+    return cgutils.get_item_pointer(context, builder, arr_type, array, [index])
+
+
+@intrinsic
+def load_acquire(typingctx, arr, index):
+    """``arr[index]`` as an acquire load: later memory reads stay after it."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
+        return None
+    sig = types.uint64(arr, index)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_relaxed(typingctx, arr, index):
+    """``arr[index]`` as a monotonic atomic load: never merged with another."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
+        return None
+    sig = types.uint64(arr, index)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        return builder.load_atomic(ptr, "monotonic", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_release(typingctx, arr, index, value):
+    """``arr[index] = value`` as a release store: earlier writes are visible first."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
+        return None
+    sig = types.void(arr, index, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        val = context.cast(builder, args[2], signature.args[2], types.uint64)
+        builder.store_atomic(val, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def store_relaxed(typingctx, arr, index, value):
+    """``arr[index] = value`` as a monotonic atomic store."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
+        return None
+    sig = types.void(arr, index, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        val = context.cast(builder, args[2], signature.args[2], types.uint64)
+        builder.store_atomic(val, ptr, "monotonic", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fence_acquire(typingctx):
+    """Earlier loads complete before any later load or store."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("acquire")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fence_release(typingctx):
+    """Earlier loads and stores complete before any later store."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("release")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Hint the cache to fetch ``arr[index]`` (read, high locality); no effect on results."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.void(arr, index)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
