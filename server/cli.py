@@ -30,12 +30,131 @@ def _run_bench_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_serving(args: argparse.Namespace) -> int:
+    from loadtest.serving_bench import bench_serving, format_serving_report
+
+    result = bench_serving(args.url, args.protocol, args.candidates, args.requests, args.seed)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    else:
+        print(format_serving_report(result))
+    return 0
+
+
+def _run_deltas(args: argparse.Namespace) -> int:
+    from updater import tools
+
+    if args.action == "inspect":
+        return tools.print_inspect(args.path)
+    if args.action == "verify":
+        ok, message = tools.verify(args.path)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    producer = tools.SyntheticProducer(args.path, args.rows_per_s, dim=args.dim, key_space=args.key_space,
+                                       interval_s=args.interval_s, seed=args.seed)
+    try:
+        producer.run(args.duration_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        producer.close()
+    print(f"wrote {producer.records} records, {producer.rows} rows to {args.path}")
+    return 0
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"requires a port 0..65535 (0 = pick a free one), got {text}")
+    return value
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from server.launcher import TritonServer, TritonStartError
+
+    from server.launcher import DEFAULT_MODEL_REPOSITORY
+
+    server = TritonServer(
+        data_dir=args.data_dir, model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY, host=args.host,
+        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        tritonserver=args.tritonserver, startup_timeout_s=args.startup_timeout_s,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting tritonserver (log: {server.log_path})", file=sys.stderr, flush=True)
+    try:
+        server.start()
+    except (TritonStartError, FileNotFoundError) as exc:
+        print(f"monolith-rt serve: {exc}", file=sys.stderr)
+        return 1
+    print(f"ready\n  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
+          f"  metrics  {server.metrics_url}\n  data     {server.data_dir}", flush=True)
+    while not stop.wait(0.5):
+        if server.process.poll() is not None:
+            print(f"monolith-rt serve: tritonserver exited with code {server.process.returncode}; "
+                  f"last lines of its log:\n{server.log_tail()}", file=sys.stderr)
+            return 1
+    print("stopping tritonserver", file=sys.stderr, flush=True)
+    code = server.stop()
+    return 0 if code in (0, None) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="monolith-rt",
         description="Real-time recommendation ranking on Triton with a collisionless embedding table.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run tritonserver with the ranker and feedback models",
+        description="Starts the real Triton Inference Server on the model repository, waits until it is "
+        "ready, prints its endpoints and runs until SIGINT/SIGTERM, which it forwards for a clean shutdown. "
+        "Binds to 127.0.0.1 unless --host says otherwise; model load/unload requests are refused.",
+    )
+    serve.add_argument("--data-dir", default="data", help="directory for snapshots, logs and deltas (default ./data)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address for HTTP, gRPC and metrics (default 127.0.0.1; 0.0.0.0 exposes them)")
+    serve.add_argument("--http-port", type=_port, default=8000, help="KServe v2 HTTP port (default 8000; 0 = free)")
+    serve.add_argument("--grpc-port", type=_port, default=8001, help="KServe v2 gRPC port (default 8001; 0 = free)")
+    serve.add_argument("--metrics-port", type=_port, default=8002,
+                       help="Prometheus metrics port (default 8002; 0 = free)")
+    serve.add_argument("--model-repository", default=None,
+                       help="model repository (default: the one shipped with this package)")
+    serve.add_argument("--tritonserver", default=None,
+                       help="tritonserver binary (default: the nvidia-pytriton wheel's, else PATH)")
+    serve.add_argument("--startup-timeout-s", type=float, default=120.0,
+                       help="seconds to wait for readiness before giving up (default 120)")
+    serve.set_defaults(run=_run_serve)
+
+    deltas = commands.add_parser("deltas", help="inspect, verify or feed a delta stream")
+    actions = deltas.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = actions.add_parser("inspect", help="per segment: seq range, record kinds, rows, bytes",
+                                 description="Reads every record of a delta stream directory and summarises "
+                                 "each segment. Exits 1 on the first corrupt record.")
+    inspect.add_argument("path", help="delta stream directory (e.g. data/deltas)")
+    verify = actions.add_parser("verify", help="check every checksum and sequence number",
+                                description="Exit code 0 when every record checks out, 1 otherwise (the "
+                                "message names the segment and offset of the first bad record).")
+    verify.add_argument("path", help="delta stream directory")
+    produce = actions.add_parser("produce", help="write synthetic sparse deltas at a given rate",
+                                 description="Appends real sparse delta records (random FIDs and rows) to a "
+                                 "delta stream, for load tests. Only one writer may hold a stream at a time.")
+    produce.add_argument("path", help="delta stream directory")
+    produce.add_argument("--rows-per-s", type=float, required=True, help="rows per second to write")
+    produce.add_argument("--duration-s", type=float, default=10.0, help="how long to run (default 10)")
+    produce.add_argument("--interval-s", type=float, default=0.1, help="seconds between records (default 0.1)")
+    produce.add_argument("--dim", type=_positive_int, default=16, help="row length (default 16)")
+    produce.add_argument("--key-space", type=_positive_int, default=100_000,
+                         help="FIDs are drawn from 1..KEY_SPACE (default 100000)")
+    produce.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    for p in (inspect, verify, produce):
+        p.set_defaults(run=_run_deltas)
 
     bench = commands.add_parser("bench", help="micro-benchmarks, each against its baseline in the same run")
     bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -51,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     table.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     table.set_defaults(run=_run_bench_table)
+
+    serving = bench_kinds.add_parser(
+        "serving",
+        help="ranker latency vs a trivial Python-backend model on the same server",
+        description="Alternates ranker and baseline (trivial model) requests from one client thread and "
+        "reports both latency distributions and the p50 ratio. Spawns a server unless --url is given.",
+    )
+    serving.add_argument("--url", default=None, help="host:port of a running server (default: spawn one)")
+    serving.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
+    serving.add_argument("--candidates", type=_positive_int, default=100, help="candidates per request (default 100)")
+    serving.add_argument("--requests", type=_positive_int, default=2000, help="requests per model (default 2000)")
+    serving.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    serving.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    serving.set_defaults(run=_run_bench_serving)
     return parser
 
 

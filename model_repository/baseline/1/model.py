@@ -1,0 +1,25 @@
+"""The latency floor: a trivial Python-backend model with the ranker's request contract.
+
+It takes the same tensors as the ranker and returns zeros (and delta_seq 0),
+doing no ranking work. Load tests time it on the same server, in the same
+run, as the ranker, so the ranker's own cost shows apart from what Triton,
+the Python backend and the client cost for moving these tensors.
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            items = pb_utils.get_input_tensor_by_name(request, "item_fids").as_numpy()
+            pb_utils.get_input_tensor_by_name(request, "user_fids").as_numpy()
+            pb_utils.get_input_tensor_by_name(request, "request_id").as_numpy()
+            outputs = [
+                pb_utils.Tensor("scores", np.zeros(items.shape[0], dtype=np.float32)),
+                pb_utils.Tensor("delta_seq", np.zeros(1, dtype=np.int64)),
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses

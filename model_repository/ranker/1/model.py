@@ -1,0 +1,86 @@
+"""Triton adapter for the ranker: tensors in, server.ranker, tensors out."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from server import triton_adapter as triton
+from server.features import load_schema
+from server.ranker import RankerRuntime, RequestError, now_s, parse_rank_request
+
+INPUTS = ("user_fids", "item_fids", "request_id", "timestamp")
+METRICS_INTERVAL_S = 1.0
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        triton.route_logging()
+        params = triton.model_parameters(args)
+        torch.set_num_threads(int(params.get("torch_threads", "1")))
+        schema_path = Path(args["model_repository"]) / params.get("feature_schema", "feature_schema.json")
+        try:
+            schema = load_schema(schema_path)
+        except (OSError, ValueError) as exc:
+            raise pb_utils.TritonModelException(f"ranker: {exc}") from exc
+        self.runtime = RankerRuntime(schema, triton.data_dir(params), args["model_instance_name"])
+        pb_utils.Logger.log_info(f"ranker {args['model_instance_name']}: {self.runtime.startup_message}")
+        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
+        self.m_rows = triton.Gauge("monolith_table_rows", "Rows in the embedding table", table="embeddings", **labels)
+        self.m_seq = triton.Gauge("monolith_delta_seq", "Delta sequence number the ranker serves at", **labels)
+        self.m_log_written = triton.Counter("monolith_feature_log_written_total", "Feature log records written", **labels)
+        self.m_log_queued = triton.Gauge("monolith_feature_log_queued", "Feature log records waiting", **labels)
+        self.m_log_shed = triton.Counter("monolith_feature_log_shed_total", "Feature log records shed", **labels)
+        self.m_rejected = triton.Counter("monolith_requests_rejected_total", "Requests refused by validation", **labels)
+        self.m_lag = triton.Gauge("monolith_delta_apply_lag_seconds",
+                                  "Seconds from the last applied delta's creation to its application", **labels)
+        self.m_rows_applied = triton.Counter("monolith_delta_rows_applied_total", "Embedding rows applied", **labels)
+        self.m_rejected_deltas = triton.Counter("monolith_delta_records_rejected_total",
+                                                "Delta records refused (the updater halts)", **labels)
+        self.m_halted = triton.Gauge("monolith_delta_updater_halted", "1 if the updater stopped applying", **labels)
+        self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S)
+
+    def execute(self, requests):
+        now = now_s()
+        responses = [None] * len(requests)
+        parsed = []
+        for i, request in enumerate(requests):
+            try:
+                parsed.append((i, parse_rank_request(triton.inputs(request, INPUTS), self.runtime.schema, now)))
+            except RequestError as exc:
+                self.runtime.rejected["invalid"] += 1
+                responses[i] = triton.error_response(f"ranker: {exc}")
+        if parsed:
+            try:
+                scores, seq = self.runtime.score([r for _, r in parsed])
+            except Exception as exc:  # a bug must not take the server down
+                pb_utils.Logger.log_error(f"ranker: scoring failed: {exc!r}")
+                for i, _ in parsed:
+                    responses[i] = triton.error_response(f"ranker: internal error: {exc!r}", internal=True)
+            else:
+                seq_tensor = pb_utils.Tensor("delta_seq", np.array([seq], dtype=np.int64))
+                for (i, request), s in zip(parsed, scores):
+                    self.runtime.log_scored(request, s, seq)
+                    responses[i] = pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("scores", s.astype(np.float32)), seq_tensor]
+                    )
+        return responses
+
+    def _update_metrics(self):
+        runtime = self.runtime
+        self.m_rows.set(len(runtime.table))
+        self.m_seq.set(runtime.delta_seq)
+        self.m_log_written.update(runtime.feature_log.written)
+        self.m_log_queued.set(runtime.feature_log.queued)
+        self.m_log_shed.update(runtime.feature_log.shed)
+        self.m_rejected.update(sum(runtime.rejected.values()))
+        updater = runtime.updater
+        self.m_lag.set(updater.lag_s)
+        self.m_rows_applied.update(updater.rows_applied)
+        self.m_rejected_deltas.update(updater.records_rejected)
+        self.m_halted.set(0 if updater.halted_reason is None else 1)
+
+    def finalize(self):
+        self._metrics.stop()
+        self.runtime.close()

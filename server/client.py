@@ -1,0 +1,105 @@
+"""A small KServe v2 client for the ranker and feedback models, over HTTP or gRPC.
+
+    client = RankerClient("127.0.0.1:8001", protocol="grpc")
+    user, items = schema.encode_request({"user_id": 7}, [{"item_id": 1}, {"item_id": 2}])
+    scores, delta_seq = client.rank(user, items, request_id=b"req-1")
+    client.feedback(b"req-1", item_fids=items[:1, 0], labels=[1.0])
+
+``infer`` sends arbitrary named tensors (tests use it for malformed requests).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+_DATATYPES = {
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.object_): "BYTES",
+    np.dtype(np.bool_): "BOOL",
+}
+
+
+class InferError(RuntimeError):
+    """The server answered with an error; the message is the server's."""
+
+
+class RankerClient:
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 30.0):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol requires 'grpc' or 'http', got {protocol!r}")
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+
+            self._client = module.InferenceServerClient(url)
+        else:
+            import tritonclient.http as module
+
+            self._client = module.InferenceServerClient(url, connection_timeout=timeout_s,
+                                                        network_timeout=timeout_s)
+        self._module = module
+        from tritonclient.utils import InferenceServerException
+
+        self._error = InferenceServerException
+
+    @property
+    def raw(self):
+        """The underlying tritonclient InferenceServerClient."""
+        return self._client
+
+    def infer(self, model: str, tensors: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        inputs = []
+        for name, array in tensors.items():
+            array = np.asarray(array)
+            tensor = self._module.InferInput(name, list(array.shape), _DATATYPES[array.dtype])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        requested = [self._module.InferRequestedOutput(name) for name in outputs]
+        try:
+            if self.protocol == "grpc":
+                result = self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+            else:
+                result = self._client.infer(model, inputs, outputs=requested)
+        except self._error as exc:
+            raise InferError(exc.message() if callable(getattr(exc, "message", None)) else str(exc)) from exc
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def rank(self, user_fids: np.ndarray, item_fids: np.ndarray, request_id: bytes,
+             timestamp_s: float | None = None, model: str = "ranker") -> tuple[np.ndarray, int]:
+        """Scores (float32[N]) of the candidates and the delta_seq they were computed at."""
+        tensors = {
+            "user_fids": np.asarray(user_fids, dtype=np.uint64),
+            "item_fids": np.asarray(item_fids, dtype=np.uint64),
+            "request_id": np.array([request_id], dtype=np.object_),
+        }
+        if timestamp_s is not None:
+            tensors["timestamp"] = np.array([timestamp_s], dtype=np.float64)
+        out = self.infer(model, tensors, ["scores", "delta_seq"])
+        return out["scores"], int(out["delta_seq"][0])
+
+    def feedback(self, request_id: bytes, item_fids, labels, event_time_s: float | None = None) -> int:
+        """Sends actions; returns how many the server durably accepted."""
+        tensors = {
+            "request_id": np.array([request_id], dtype=np.object_),
+            "item_fids": np.asarray(item_fids, dtype=np.uint64).reshape(-1),
+            "labels": np.asarray(labels, dtype=np.float32).reshape(-1),
+        }
+        if event_time_s is not None:
+            tensors["event_time"] = np.array([event_time_s], dtype=np.float64)
+        return int(self.infer("feedback", tensors, ["accepted"])["accepted"][0])
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "RankerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

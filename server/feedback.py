@@ -1,0 +1,54 @@
+"""The feedback model's runtime: validates user actions and appends them durably.
+
+An action names the request it answers (request_id), the candidate's item FID
+and a label (a click = 1.0, a rating, a watch fraction...). One request may
+carry M actions of one ranking request. The response is sent only after the
+feedback log has the record on disk (group commit), so an acknowledged action
+is never lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from server.features import PAD_FID
+from server.ranker import RequestError, _expect, parse_request_id, parse_time
+from server.records import FeedbackRecord
+from server.segment_log import BackgroundAppender, SegmentLogWriter
+from server.table import EMPTY_KEY
+
+MAX_ACTIONS = 1024
+FEEDBACK_LOG_QUEUE = 10_000
+
+
+def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float) -> FeedbackRecord:
+    request_id = parse_request_id(inputs.get("request_id"))
+    items = _expect("item_fids", inputs.get("item_fids"), np.uint64, 1)
+    labels = _expect("labels", inputs.get("labels"), np.float32, 1)
+    if not 1 <= items.shape[0] <= MAX_ACTIONS:
+        raise RequestError(f"input 'item_fids' requires 1 to {MAX_ACTIONS} actions, got {items.shape[0]}")
+    if labels.shape != items.shape:
+        raise RequestError(f"input 'labels' requires one label per item FID ({items.shape[0]}), got {labels.shape[0]}")
+    if np.any((items == EMPTY_KEY) | (items == PAD_FID)):
+        raise RequestError("input 'item_fids' holds a reserved value (0 or 2**64-1)")
+    if not np.all(np.isfinite(labels)):
+        raise RequestError("input 'labels' requires finite values")
+    event_time = parse_time("event_time", inputs.get("event_time"), now_s)
+    return FeedbackRecord(request_id, event_time, now_s, items.copy(), labels.copy())
+
+
+class FeedbackRuntime:
+    def __init__(self, data_dir: str | Path, instance: str):
+        writer = SegmentLogWriter(Path(data_dir) / "feedback_log" / instance, fsync="batch")
+        self.log = BackgroundAppender(writer, max_queue=FEEDBACK_LOG_QUEUE, name=f"feedback-log-{instance}")
+        self.rejected = 0
+
+    def append(self, record: FeedbackRecord, timeout_s: float = 5.0) -> bool:
+        """True once the record is durable; False if the log stayed full for timeout_s."""
+        return self.log.submit(record.encode(), wait=True, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self.log.close()

@@ -1,0 +1,241 @@
+"""Starts the real ``tritonserver`` on this project's model repository.
+
+Where things come from:
+    binary    --tritonserver PATH, else the one in the nvidia-pytriton wheel
+              (pytriton/tritonserver/bin), else ``tritonserver`` on PATH
+              (the official container)
+    backend   with the wheel's binary: a backend directory is assembled under
+              the data dir, symlinking the wheel's libtriton_python.so and the
+              Python-backend stub built for *this* interpreter's version
+              (symlinks keep the libraries' $ORIGIN rpath working); with any
+              other binary, that install's own backends are used
+    Python    the stub runs the first ``python3`` on PATH with the libpython
+              found on LD_LIBRARY_PATH, so this interpreter's bin/ goes first
+              on PATH and its lib/ on LD_LIBRARY_PATH: the models then import
+              this package and its dependencies from the same environment
+
+Security defaults: HTTP, gRPC and metrics bind to 127.0.0.1; model control
+mode is ``none`` (load/unload requests are refused); the only paths Triton or
+the models use come from flags and the environment, never from requests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+_READY_POLL_S = 0.1
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver did not become ready; the message carries its log's tail."""
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    return root if (root / "bin" / "tritonserver").is_file() else None
+
+
+def find_tritonserver(explicit: str | os.PathLike | None = None) -> Path:
+    """The tritonserver binary to run (see the module docstring for the order)."""
+    if explicit:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise FileNotFoundError(f"--tritonserver {path} is not an executable file")
+        return path
+    root = _pytriton_root()
+    if root is not None:
+        return root / "bin" / "tritonserver"
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    raise FileNotFoundError("no tritonserver: install nvidia-pytriton, put tritonserver on PATH, "
+                            "or pass --tritonserver PATH")
+
+
+def assemble_backend_dir(target: Path) -> Path | None:
+    """Builds <target>/python from the wheel for this interpreter; None when
+    the wheel is absent (the binary's own backends apply)."""
+    root = _pytriton_root()
+    if root is None:
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise FileNotFoundError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    links = {
+        "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": root / "backends" / "python" / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": stub,
+    }
+    for name, source in links.items():
+        link = python_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_environment(data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    root = _pytriton_root()
+    if root is not None:
+        libs.insert(0, str(root.parent.parent / "nvidia_pytriton.libs"))
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    env["MONOLITH_DATA_DIR"] = str(data_dir)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process: ``with TritonServer(data_dir) as server:`` starts
+    it on free loopback ports (or the ones given), waits until ready, and stops
+    it on exit. Its log goes to <data_dir>/logs/tritonserver.log."""
+
+    data_dir: Path
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    tritonserver: str | None = None
+    startup_timeout_s: float = 120.0
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir).resolve()
+        self.model_repository = Path(self.model_repository).resolve()
+        self.http_port = self.http_port or free_port(self.host)
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        self.log_path = self.data_dir / "logs" / "tritonserver.log"
+        self.shm_prefix = f"monolith_{os.getpid()}_{self.http_port}_"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        binary = find_tritonserver(self.tritonserver)
+        cmd = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=none",
+            "--disable-auto-complete-config",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            "--pinned-memory-pool-byte-size=0",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+        ]
+        if self.tritonserver is None:
+            backends = assemble_backend_dir(self.data_dir / "triton-backends")
+            if backends is not None:
+                cmd.append(f"--backend-directory={backends}")
+        return cmd + list(self.extra_args)
+
+    def start(self) -> "TritonServer":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                            env=server_environment(self.data_dir), start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://{self.host}:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with code {self.process.returncode} before it was "
+                                       f"ready; last lines of {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(_READY_POLL_S)
+        self.stop()
+        raise TritonStartError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s; last lines of "
+                               f"{self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains and unloads models), then SIGKILL after timeout_s."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._remove_shared_memory()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (server and model stubs), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._remove_shared_memory()
+
+    def _remove_shared_memory(self) -> None:
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for leftover in shm.glob(f"{self.shm_prefix}*"):
+                leftover.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,245 @@
+"""The ranker's runtime: request validation, embedding lookup, pooling, scoring, feature log.
+
+``model_repository/ranker/1/model.py`` adapts Triton to this module and does
+little else, so everything here runs (and is tested) without Triton too.
+
+One execute() call may carry several requests: their FIDs go through one
+table lookup and their candidates through one forward pass.
+
+Shapes: R requests, N candidates of one request, T candidates of all, F
+fields (= slots), K embedding dim, Wu / Wi request-layout widths (see
+server.features).
+
+Concurrency: ``score`` runs on Triton's execute thread. The table's lookups
+are lock-free against its one writer, the updater thread (updater.applier)
+that tails <data_dir>/deltas; the dense module is replaced by one reference
+assignment, and ``score`` reads ``self.dense`` once per call, so a batch
+never mixes two dense versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numba
+import numpy as np
+import torch
+
+from server.dense import build_dense
+from server.features import PAD_FID, FeatureSchema, Slot, slot_of
+from server.records import FeatureRecord
+from server.segment_log import BackgroundAppender, SegmentLogWriter
+from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
+from server.table import EMPTY_KEY, EmbeddingTable
+
+log = logging.getLogger(__name__)
+
+MAX_CANDIDATES = 4096
+MAX_REQUEST_ID_BYTES = 256
+FEATURE_LOG_QUEUE = 10_000
+FEATURE_LOG_SUBMIT_TIMEOUT_S = 0.05
+
+
+class RequestError(ValueError):
+    """A request the ranker refuses; the message names the input and the fault."""
+
+
+@dataclass
+class RankRequest:
+    request_id: bytes
+    request_time_s: float
+    user_fids: np.ndarray  # uint64[Wu]
+    item_fids: np.ndarray  # uint64[N, Wi]
+
+
+def _expect(name: str, value: np.ndarray | None, dtype, ndim: int) -> np.ndarray:
+    if value is None:
+        raise RequestError(f"input '{name}' is required but missing")
+    if value.dtype != dtype:
+        raise RequestError(f"input '{name}' requires dtype {np.dtype(dtype).name}, got {value.dtype}")
+    if value.ndim != ndim:
+        raise RequestError(f"input '{name}' requires rank {ndim}, got shape {list(value.shape)}")
+    return value
+
+
+def _column_slots(slots: Sequence[Slot]) -> np.ndarray:
+    return np.concatenate([np.full(s.max_values, s.slot, dtype=np.int64) for s in slots])
+
+
+def _check_fids(name: str, fids: np.ndarray, column_slots: np.ndarray) -> None:
+    if np.any(fids == EMPTY_KEY):
+        where = np.argwhere(fids == EMPTY_KEY)[0].tolist()
+        raise RequestError(f"input '{name}' holds the reserved value 2**64-1 at {where}")
+    wrong = (fids != PAD_FID) & (slot_of(fids) != column_slots)
+    if np.any(wrong):
+        where = tuple(np.argwhere(wrong)[0].tolist())
+        raise RequestError(
+            f"input '{name}' at {list(where)} holds a FID of slot {int(slot_of(fids[where]))}, "
+            f"but that column is slot {int(column_slots[where[-1]])} (see the feature schema layout)"
+        )
+
+
+def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureSchema, now_s: float) -> RankRequest:
+    """Validates one request's tensors (name -> array, None if absent)."""
+    user = _expect("user_fids", inputs.get("user_fids"), np.uint64, 1)
+    if user.shape[0] != schema.user_width:
+        raise RequestError(f"input 'user_fids' requires {schema.user_width} FIDs (user and context slots "
+                           f"in schema order), got {user.shape[0]}")
+    items = _expect("item_fids", inputs.get("item_fids"), np.uint64, 2)
+    n, width = items.shape
+    if width != schema.item_width:
+        raise RequestError(f"input 'item_fids' requires {schema.item_width} columns per candidate, got {width}")
+    if not 1 <= n <= MAX_CANDIDATES:
+        raise RequestError(f"input 'item_fids' requires 1 to {MAX_CANDIDATES} candidates, got {n}")
+    _check_fids("user_fids", user, _column_slots(schema.user_slots))
+    _check_fids("item_fids", items, _column_slots(schema.item_slots))
+    request_id = parse_request_id(inputs.get("request_id"))
+    request_time = parse_time("timestamp", inputs.get("timestamp"), now_s)
+    return RankRequest(request_id, request_time, user, items)
+
+
+def parse_request_id(value: np.ndarray | None) -> bytes:
+    value = _expect("request_id", value, np.object_, 1)
+    if value.shape[0] != 1:
+        raise RequestError(f"input 'request_id' requires shape [1], got {list(value.shape)}")
+    rid = value[0]
+    if isinstance(rid, str):
+        rid = rid.encode()
+    if not isinstance(rid, bytes) or not 1 <= len(rid) <= MAX_REQUEST_ID_BYTES:
+        size = len(rid) if isinstance(rid, bytes) else type(rid).__name__
+        raise RequestError(f"input 'request_id' requires 1 to {MAX_REQUEST_ID_BYTES} bytes, got {size}")
+    return rid
+
+
+def parse_time(name: str, value: np.ndarray | None, default_s: float) -> float:
+    """An optional FP64 [1] time in Unix seconds."""
+    if value is None:
+        return default_s
+    value = _expect(name, value, np.float64, 1)
+    if value.shape[0] != 1:
+        raise RequestError(f"input '{name}' requires shape [1], got {list(value.shape)}")
+    t = float(value[0])
+    if not math.isfinite(t) or t <= 0:
+        raise RequestError(f"input '{name}' requires a finite time > 0 (Unix seconds), got {t}")
+    return t
+
+
+@numba.njit(cache=True, nogil=True)
+def _pool_kernel(rows, fids, starts, widths, mean, out):
+    """out[r, f] = sum (or mean) of rows[r, starts[f] : starts[f] + widths[f]]
+    over columns whose FID is not PAD_FID; zeros when a slot has none."""
+    n_rows, n_fields, dim = out.shape
+    for r in range(n_rows):
+        for f in range(n_fields):
+            for k in range(dim):
+                out[r, f, k] = 0.0
+            present = 0
+            for c in range(starts[f], starts[f] + widths[f]):
+                if fids[r, c] != PAD_FID:
+                    present += 1
+                    for k in range(dim):
+                        out[r, f, k] += rows[r, c, k]
+            if mean[f] and present > 1:
+                for k in range(dim):
+                    out[r, f, k] /= present
+
+
+class _Pooling:
+    """Sums or averages each slot's columns: rows [R, W, K] -> fields [R, F_side, K]."""
+
+    def __init__(self, slots: Sequence[Slot]):
+        self.widths = np.array([s.max_values for s in slots], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
+        self.mean = np.array([s.pooling == "mean" for s in slots])
+
+    def __call__(self, rows: np.ndarray, fids: np.ndarray) -> np.ndarray:
+        out = np.empty((rows.shape[0], self.widths.shape[0], rows.shape[2]), dtype=np.float32)
+        _pool_kernel(rows, fids, self.starts, self.widths, self.mean, out)
+        return out
+
+
+class RankerRuntime:
+    """Table + dense network + feature log of one ranker instance."""
+
+    def __init__(self, schema: FeatureSchema, data_dir: str | Path, instance: str, apply_deltas: bool = True):
+        self.schema = schema
+        self.data_dir = Path(data_dir)
+        self._user_pool = _Pooling(schema.user_slots)
+        self._item_pool = _Pooling(schema.item_slots)
+        dense = build_dense(schema.num_fields, schema.dim, schema.dense)
+        snapshot = load_latest_snapshot(self.data_dir)
+        if snapshot is None:
+            self.table = EmbeddingTable(schema.dim)
+            self.delta_seq = 0
+            self._snapshot_seq = 0
+            self.startup_message = (f"no snapshot in {self.data_dir / 'snapshots'}: starting with an empty table "
+                                    f"and dense weights initialised from seed {schema.dense.get('seed', 0)}")
+        else:
+            if snapshot.table.dim != schema.dim:
+                raise ValueError(f"snapshot {snapshot.path} has dim {snapshot.table.dim}, schema requires {schema.dim}")
+            dense.load_state_dict(snapshot.dense_state)
+            self.table = snapshot.table
+            self.delta_seq = snapshot.delta_seq
+            self._snapshot_seq = snapshot.delta_seq
+            self.startup_message = (f"loaded snapshot {snapshot.path}: {len(self.table)} rows, "
+                                    f"delta_seq {self.delta_seq}")
+        self.dense = dense
+        writer = SegmentLogWriter(self.data_dir / "feature_log" / instance, fsync="batch")
+        self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}")
+        self.rejected: Counter[str] = Counter()
+        self.updater = None
+        if apply_deltas:
+            from updater.applier import DeltaApplier
+            from updater.stream import FileDeltaReader
+
+            deltas = self.data_dir / "deltas"
+            self.updater = DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq)).start()
+
+    def score(self, requests: Sequence[RankRequest]) -> tuple[list[np.ndarray], int]:
+        """Probabilities for each request's candidates, and the delta_seq they saw."""
+        seq = self.delta_seq
+        dense = self.dense
+        counts = np.array([r.item_fids.shape[0] for r in requests])
+        user = np.stack([r.user_fids for r in requests])  # [R, Wu]
+        items = np.concatenate([r.item_fids for r in requests])  # [T, Wi]
+        rows = self.table.lookup(np.concatenate([user.ravel(), items.ravel()]))
+        k = self.schema.dim
+        split = user.size
+        user_fields = self._user_pool(rows[:split].reshape(*user.shape, k), user)  # [R, Fu, K]
+        item_fields = self._item_pool(rows[split:].reshape(*items.shape, k), items)  # [T, Fi, K]
+        fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1)
+        with torch.inference_mode():
+            probs = torch.sigmoid(dense(torch.from_numpy(fields))).numpy()
+        return np.split(probs, np.cumsum(counts)[:-1]), seq
+
+    def log_scored(self, request: RankRequest, scores: np.ndarray, seq: int) -> bool:
+        """Queues the request's feature record; False (and counted as shed) if
+        the log writer stays full past a short timeout."""
+        record = FeatureRecord(request.request_id, request.request_time_s, seq,
+                               request.user_fids, request.item_fids, scores)
+        return self.feature_log.submit(record.encode(), timeout_s=FEATURE_LOG_SUBMIT_TIMEOUT_S)
+
+    def close(self, snapshot: bool = True) -> Path | None:
+        """Stops the updater and the feature log; with ``snapshot``, saves the
+        serving state if deltas moved it past the snapshot it started from
+        (a restart then replays fewer deltas). Returns the snapshot written."""
+        if self.updater is not None:
+            self.updater.stop()
+        self.feature_log.close()
+        if snapshot and self.delta_seq > self._snapshot_seq and not any(
+            p.name == f"{self.delta_seq:020d}" for p in list_snapshots(self.data_dir)
+        ):
+            path = write_snapshot(self.data_dir, self.table, self.dense.state_dict(), self.delta_seq)
+            log.info("wrote serving snapshot %s at delta_seq %d", path, self.delta_seq)
+            return path
+        return None
+
+
+def now_s() -> float:
+    return time.time()

@@ -1,0 +1,143 @@
+"""Hot updates on the real tritonserver: deltas change scores in place, never a reload."""
+
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from server.client import RankerClient
+from server.dense import build_dense
+from server.features import PAD_FID, load_schema
+from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.segment_log import SegmentLogWriter
+from server.snapshot import load_latest_snapshot
+from updater.delta import DeltaRecord
+from updater.stream import FileDeltaWriter
+from updater.tools import SyntheticProducer, scan
+
+SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+USER, ITEMS = SCHEMA.encode_request({"user_id": 5, "hour": 7}, [{"item_id": i, "item_genres": ["Drama"]}
+                                                              for i in range(10)])
+
+
+def wait_for_seq(client, seq, timeout_s=30.0):
+    """Scores and delta_seq of the first response at or past seq."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        scores, served = client.rank(USER, ITEMS, request_id=b"poll")
+        if served >= seq:
+            return scores, served
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server still at delta_seq {served}, waited for {seq}")
+        time.sleep(0.02)
+
+
+def metric(server, name):
+    for line in urllib.request.urlopen(server.metrics_url, timeout=5).read().decode().splitlines():
+        if line.startswith(name + "{") and 'model="ranker"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+def wait_metric(server, name, value, timeout_s=10.0):
+    """Metrics refresh once a second: poll until name == value."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := metric(server, name)) != value:
+        assert time.monotonic() < deadline, f"{name} is {seen}, expected {value}"
+        time.sleep(0.2)
+
+
+def loads_in_log(server):
+    return server.log_path.read_text().count("successfully loaded 'ranker'")
+
+
+@pytest.fixture
+def server(tmp_path):
+    with TritonServer(tmp_path / "data") as srv:
+        yield srv
+
+
+def test_sparse_then_dense_deltas_change_scores_without_reload(server, tmp_path):
+    rng = np.random.default_rng(0)
+    with RankerClient(server.grpc_url, "grpc") as client, FileDeltaWriter(server.data_dir / "deltas") as deltas:
+        before, seq = client.rank(USER, ITEMS, request_id=b"before")
+        assert seq == 0
+        fids = np.unique(np.concatenate([USER, ITEMS.ravel()]))
+        fids = fids[fids != PAD_FID]
+        deltas.append(DeltaRecord.sparse(1, time.time(), fids,
+                                         rng.normal(0, 0.5, (len(fids), SCHEMA.dim)).astype(np.float32)))
+        sparse_scores, seq = wait_for_seq(client, 1)
+        assert seq == 1 and not np.allclose(sparse_scores, before)
+        assert np.ptp(sparse_scores) > 0  # candidates now differ from each other
+
+        dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 7})
+        deltas.append(DeltaRecord.dense(2, time.time(), dense.state_dict()))
+        dense_scores, seq = wait_for_seq(client, 2)
+        assert seq == 2 and not np.allclose(dense_scores, sparse_scores)
+
+        stats = client.raw.get_inference_statistics("ranker", as_json=True)["model_stats"][0]
+        assert int(stats["inference_stats"]["success"]["count"]) >= 3
+    assert loads_in_log(server) == 1
+    wait_metric(server, "monolith_delta_seq", 2)
+    server.stop()
+    # Clean shutdown saved the serving state at seq 2: it matches what was sent.
+    snapshot = load_latest_snapshot(server.data_dir)
+    assert snapshot.delta_seq == 2
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(snapshot.dense_state[name], tensor)
+
+
+def test_kill_9_while_streaming_then_catch_up_exactly(tmp_path):
+    data = tmp_path / "data"
+    producer = SyntheticProducer(data / "deltas", rows_per_s=20_000, dim=SCHEMA.dim, key_space=5_000,
+                                 interval_s=0.05, seed=3)
+    stop = threading.Event()
+    thread = threading.Thread(target=producer.run, args=(30.0, stop))
+    srv = TritonServer(data).start()
+    try:
+        thread.start()
+        with RankerClient(srv.grpc_url, "grpc") as client:
+            wait_for_seq(client, 5)
+        srv.kill()  # SIGKILL to the server and its model stubs, mid-stream
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+        producer.close()
+    last_seq = producer.records
+    intended: dict[int, bytes] = {}
+    for _, _, _, record in scan(data / "deltas"):
+        for f, row in zip(record.fids.tolist(), record.values):
+            intended[f] = row.tobytes()
+        for f in record.evicted.tolist():
+            intended.pop(f, None)
+
+    with TritonServer(data) as srv, RankerClient(srv.grpc_url, "grpc") as client:
+        wait_for_seq(client, last_seq)
+        assert loads_in_log(srv) == 2  # one per start: none while applying
+    snapshot = load_latest_snapshot(data)
+    assert snapshot.delta_seq == last_seq
+    served = {}
+    for fids, rows, _ in snapshot.table.items():
+        for f, row in zip(fids.tolist(), rows):
+            served[f] = row.tobytes()
+    assert served == intended
+
+
+def test_corrupt_delta_is_refused_and_serving_continues(server):
+    with RankerClient(server.http_url, "http") as client:
+        good = DeltaRecord.sparse(1, time.time(), USER[:1], np.ones((1, SCHEMA.dim), np.float32))
+        bad = bytearray(DeltaRecord.sparse(2, time.time(), USER[:1], np.zeros((1, SCHEMA.dim), np.float32)).encode())
+        bad[40] ^= 0x01
+        with SegmentLogWriter(server.data_dir / "deltas") as raw:
+            raw.append(good.encode())
+            raw.append(bytes(bad))
+        wait_for_seq(client, 1)
+        wait_metric(server, "monolith_delta_updater_halted", 1)
+        scores, seq = client.rank(USER, ITEMS, request_id=b"after-corrupt")
+        assert seq == 1 and scores.shape == (10,)
+    wait_metric(server, "monolith_delta_records_rejected_total", 1)
+    assert "delta updater halted" in server.log_path.read_text()

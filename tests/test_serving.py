@@ -1,0 +1,199 @@
+"""The real tritonserver, started by the launcher on free loopback ports, over HTTP and gRPC."""
+
+import shutil
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from server.client import InferError, RankerClient
+from server.dense import build_dense
+from server.features import fid, load_schema
+from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.ranker import RankerRuntime, RankRequest
+from server.records import FeatureRecord, FeedbackRecord
+from server.segment_log import SegmentLogReader
+from server.snapshot import write_snapshot
+from server.table import EmbeddingTable
+
+SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+PROTOCOLS = ["http", "grpc"]
+
+
+def request_for(user_id: int, item_ids, genres=("Drama",)):
+    return SCHEMA.encode_request(
+        {"user_id": user_id, "user_age": "25-34", "user_gender": "F", "hour": 9, "weekday": 2},
+        [{"item_id": i, "item_genres": list(genres), "item_year": 1990 + i % 10} for i in item_ids],
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with TritonServer(tmp_path_factory.mktemp("serving")) as srv:
+        yield srv
+
+
+@pytest.fixture(params=PROTOCOLS)
+def client(request, server):
+    url = server.http_url if request.param == "http" else server.grpc_url
+    with RankerClient(url, protocol=request.param) as c:
+        yield c
+
+
+def read_log(directory, decode, request_id, timeout_s=10.0):
+    """Records of request_id decoded from a log directory (all instances),
+    polling until at least one is there or timeout_s passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = []
+        for instance in sorted(p for p in directory.iterdir() if p.is_dir()) if directory.exists() else []:
+            with SegmentLogReader(instance) as reader:
+                records += [decode(payload) for _, payload in reader.read()]
+        mine = [r for r in records if r.request_id == request_id]
+        if mine or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.05)
+
+
+def test_scores_are_probabilities_and_deterministic(client):
+    user, items = request_for(1, range(100))
+    scores, seq = client.rank(user, items, request_id=b"det-1")
+    again, _ = client.rank(user, items, request_id=b"det-2")
+    assert scores.shape == (100,) and scores.dtype == np.float32
+    assert np.all((scores > 0) & (scores < 1))
+    assert seq == 0
+    np.testing.assert_array_equal(scores, again)
+
+
+def test_http_and_grpc_agree(server):
+    user, items = request_for(3, range(20))
+    with RankerClient(server.http_url, "http") as h, RankerClient(server.grpc_url, "grpc") as g:
+        np.testing.assert_array_equal(h.rank(user, items, b"a")[0], g.rank(user, items, b"b")[0])
+
+
+def _good():
+    user, items = request_for(2, range(5))
+    return {"user_fids": user, "item_fids": items, "request_id": np.array([b"good"], dtype=np.object_)}
+
+
+def _with(**changes):
+    tensors = _good()
+    for name, value in changes.items():
+        if value is None:
+            tensors.pop(name)
+        else:
+            tensors[name] = value
+    return tensors
+
+
+_USER, _ITEMS = request_for(2, range(5))
+_RESERVED = _ITEMS.copy()
+_RESERVED[1, 0] = np.uint64(2**64 - 1)
+_WRONG_SLOT = _ITEMS.copy()
+_WRONG_SLOT[0, 0] = np.uint64(fid(3, "F"))
+
+BAD_RANK_REQUESTS = [
+    ("missing item_fids", _with(item_fids=None), "item_fids"),
+    ("missing request_id", _with(request_id=None), "request_id"),
+    ("wrong dtype", _with(user_fids=_USER.astype(np.int64)), "user_fids"),
+    ("wrong rank", _with(item_fids=_ITEMS.ravel()), "item_fids"),
+    ("no candidates", _with(item_fids=np.empty((0, SCHEMA.item_width), np.uint64)), "1 to 4096 candidates, got 0"),
+    ("too many candidates", _with(item_fids=np.ones((4097, SCHEMA.item_width), np.uint64) * np.uint64(fid(10, 1))),
+     "got 4097"),
+    ("item width", _with(item_fids=_ITEMS[:, :-1]), f"requires {SCHEMA.item_width} columns"),
+    ("user width", _with(user_fids=_USER[:-1]), f"requires {SCHEMA.user_width} FIDs"),
+    ("reserved key", _with(item_fids=_RESERVED), "reserved value"),
+    ("wrong slot", _with(item_fids=_WRONG_SLOT), "FID of slot 3"),
+    ("request_id too long", _with(request_id=np.array([b"x" * 300], dtype=np.object_)), "1 to 256 bytes, got 300"),
+    ("empty request_id", _with(request_id=np.array([b""], dtype=np.object_)), "1 to 256 bytes, got 0"),
+    ("nan timestamp", {**_good(), "timestamp": np.array([np.nan])}, "finite time"),
+]
+
+
+@pytest.mark.parametrize("name, tensors, message", BAD_RANK_REQUESTS, ids=[b[0] for b in BAD_RANK_REQUESTS])
+def test_bad_requests_get_clear_errors_and_serving_continues(client, name, tensors, message):
+    with pytest.raises(InferError, match=message):
+        client.infer("ranker", tensors, ["scores", "delta_seq"])
+    scores, _ = client.rank(_USER, _ITEMS, request_id=b"after-bad")
+    assert scores.shape == (5,)
+
+
+def test_feature_log_records_scored_requests(server, client):
+    user, items = request_for(11, range(7))
+    rid = f"flog-{client.protocol}".encode()
+    scores, seq = client.rank(user, items, request_id=rid, timestamp_s=1_700_000_000.5)
+    mine = read_log(server.data_dir / "feature_log", FeatureRecord.decode, rid)
+    assert len(mine) == 1
+    record = mine[0]
+    assert record.request_time_s == 1_700_000_000.5 and record.delta_seq == seq
+    np.testing.assert_array_equal(record.user_fids, user)
+    np.testing.assert_array_equal(record.item_fids, items)
+    np.testing.assert_array_equal(record.scores, scores)
+
+
+def test_feedback_is_durable_before_ack(server, client):
+    rid = f"fb-{client.protocol}".encode()
+    item_fids = np.array([fid(10, 4), fid(10, 5)], dtype=np.uint64)
+    assert client.feedback(rid, item_fids, [1.0, 0.0], event_time_s=1_700_000_100.0) == 2
+    # Acknowledged means appended and synced: the record is readable right now, no polling.
+    mine = read_log(server.data_dir / "feedback_log", FeedbackRecord.decode, rid, timeout_s=0)
+    assert len(mine) == 1
+    assert mine[0].item_fids.tolist() == item_fids.tolist()
+    assert mine[0].labels.tolist() == [1.0, 0.0]
+    assert mine[0].event_time_s == 1_700_000_100.0 and mine[0].accepted_time_s > 1_700_000_100.0
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([5], np.uint64),
+          "labels": np.array([1.0, 2.0], np.float32)}, "one label per item FID"),
+        ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([0], np.uint64),
+          "labels": np.array([1.0], np.float32)}, "reserved value"),
+        ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([5], np.uint64),
+          "labels": np.array([np.inf], np.float32)}, "finite"),
+    ],
+)
+def test_bad_feedback_is_refused(client, tensors, message):
+    with pytest.raises(InferError, match=message):
+        client.infer("feedback", tensors, ["accepted"])
+    assert client.feedback(b"ok", [fid(10, 1)], [1.0]) == 1
+
+
+def test_metrics_and_model_control_is_off(server, client):
+    client.rank(_USER, _ITEMS, request_id=b"metrics")
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    for name in ("monolith_table_rows", "monolith_delta_seq", "monolith_feature_log_written_total",
+                 "monolith_requests_rejected_total", "nv_inference_count"):
+        assert name in text
+    unload = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/ranker/unload", data=b"{}",
+                                    method="POST")
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(unload, timeout=5)
+    assert client.raw.is_model_ready("ranker")
+
+
+def test_restart_loads_the_snapshot(tmp_path):
+    """A snapshot in the data dir is what a (re)started server serves from."""
+    rng = np.random.default_rng(5)
+    user, items = request_for(9, range(30), genres=("Action", "Comedy"))
+    fids = np.unique(np.concatenate([user, items.ravel()]))
+    fids = fids[fids != 0]
+    table = EmbeddingTable(SCHEMA.dim)
+    table.upsert(fids, rng.normal(0, 0.5, (len(fids), SCHEMA.dim)).astype(np.float32), now=1.0)
+    dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 99})
+    write_snapshot(tmp_path / "data", table, dense.state_dict(), delta_seq=17)
+    local = tmp_path / "local"
+    shutil.copytree(tmp_path / "data", local)
+    runtime = RankerRuntime(SCHEMA, local, "local", apply_deltas=False)
+    expected = runtime.score([RankRequest(b"x", 1.0, user, items)])[0][0]
+    runtime.close()
+
+    with TritonServer(tmp_path / "data") as srv, RankerClient(srv.grpc_url, "grpc") as c:
+        scores, seq = c.rank(user, items, request_id=b"snap")
+    assert seq == 17
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    with TritonServer(tmp_path / "fresh") as srv, RankerClient(srv.grpc_url, "grpc") as c:
+        fresh, seq = c.rank(user, items, request_id=b"fresh")
+    assert seq == 0 and not np.allclose(fresh, scores)

@@ -1,0 +1,101 @@
+"""Delta streams: where the trainer appends delta records and servers tail them.
+
+One small interface, two planned transports carrying the same record bytes:
+the embedded default, a durable segment log on local disk (the trainer is
+co-located), and later NATS JetStream for replicas past one machine.
+
+Sequence numbers: delta ``seq`` n is stored as log record n - 1, so resuming
+"after seq S" starts at log record S, and a record whose seq disagrees with
+its place in the log is refused on both sides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from server.segment_log import SegmentLogReader, SegmentLogWriter
+from updater.delta import DeltaError, DeltaRecord
+
+
+class DeltaWriter(Protocol):
+    next_seq: int
+
+    def append(self, record: DeltaRecord) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class DeltaReader(Protocol):
+    def read(self, max_records: int | None = None) -> list[DeltaRecord]: ...
+
+    def close(self) -> None: ...
+
+
+class FileDeltaWriter:
+    """Appends delta records to a segment log directory, synced per append
+    (a delta is acknowledged to nobody, but a snapshot may name its seq)."""
+
+    def __init__(self, directory: str | Path, segment_bytes: int = 64 << 20):
+        self._log = SegmentLogWriter(directory, segment_bytes=segment_bytes, fsync="always")
+
+    @property
+    def next_seq(self) -> int:
+        return self._log.next_index + 1
+
+    def append(self, record: DeltaRecord) -> int:
+        if record.seq != self.next_seq:
+            raise ValueError(f"delta seq requires {self.next_seq} (next in the stream), got {record.seq}")
+        self._log.append(record.encode())
+        return record.seq
+
+    def append_bytes(self, data: bytes) -> int:
+        """Appends an already encoded record (checked first)."""
+        return self.append(DeltaRecord.decode(data))
+
+    def delete_before(self, seq: int) -> list[Path]:
+        """Retention: drops segments whose records all have seq < ``seq``."""
+        return self._log.delete_segments_before(seq - 1)
+
+    def close(self) -> None:
+        self._log.close()
+
+    def __enter__(self) -> "FileDeltaWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FileDeltaReader:
+    """Tails a segment log directory for delta records after seq ``after_seq``.
+    ``read`` raises DeltaError or LogCorruptError on a bad record (after
+    returning the good ones before it) and never returns the bad one."""
+
+    def __init__(self, directory: str | Path, after_seq: int = 0):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._log = SegmentLogReader(directory, start_record=after_seq)
+        self.directory = directory
+        self._error: Exception | None = None
+
+    def read(self, max_records: int | None = None) -> list[DeltaRecord]:
+        if self._error is not None:
+            raise self._error
+        out = []
+        for index, payload in self._log.read(max_records):
+            try:
+                record = DeltaRecord.decode(payload)
+                if record.seq != index + 1:
+                    raise DeltaError(f"record {index} carries seq {record.seq}, expected {index + 1}")
+            except DeltaError as exc:
+                # Sticky: the log has moved past it, and nothing after it may be applied.
+                self._error = DeltaError(f"{self.directory}: {exc}")
+                if not out:
+                    raise self._error from exc
+                break
+            out.append(record)
+        return out
+
+    def close(self) -> None:
+        self._log.close()
