@@ -25,7 +25,7 @@ _WARMUP = 50
 
 
 def _percentiles(samples_ms: list[float]) -> dict:
-    values = np.percentile(np.asarray(samples_ms), [50, 90, 99])
+    values = [float(v) for v in np.percentile(np.asarray(samples_ms), [50, 90, 99])]
     return {"p50_ms": round(values[0], 3), "p90_ms": round(values[1], 3), "p99_ms": round(values[2], 3)}
 
 

@@ -62,6 +62,14 @@ def _run_deltas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_batching(args: argparse.Namespace) -> int:
+    from loadtest.batching_bench import bench_batching
+
+    result = bench_batching(args.concurrency, args.candidates, args.window_s, args.rounds)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -184,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     serving.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     serving.set_defaults(run=_run_bench_serving)
+
+    batching = bench_kinds.add_parser(
+        "batching",
+        help="ranker with and without Triton dynamic batching, side by side",
+        description="Runs the shipped ranker config (dynamic batching) and an unbatched variant on two servers and "
+        "alternates the same closed-loop load between them; prints throughput and latency of each as JSON.",
+    )
+    batching.add_argument("--concurrency", type=_positive_int, default=4, help="client threads (default 4)")
+    batching.add_argument("--candidates", type=_positive_int, default=100, help="candidates per request")
+    batching.add_argument("--window-s", type=float, default=5.0, help="seconds per window (default 5)")
+    batching.add_argument("--rounds", type=_positive_int, default=3, help="A/B windows each (default 3)")
+    batching.set_defaults(run=_run_bench_batching)
     return parser
 
 

@@ -25,6 +25,18 @@ _DATATYPES = {
 }
 
 
+def rank_tensors(user_fids, item_fids, request_id: bytes, timestamp_s: float | None = None) -> dict:
+    """The ranker's input tensors, each with its leading batch dimension of 1."""
+    tensors = {
+        "user_fids": np.asarray(user_fids, dtype=np.uint64)[None],
+        "item_fids": np.asarray(item_fids, dtype=np.uint64)[None],
+        "request_id": np.array([[request_id]], dtype=np.object_),
+    }
+    if timestamp_s is not None:
+        tensors["timestamp"] = np.array([[timestamp_s]], dtype=np.float64)
+    return tensors
+
+
 class InferError(RuntimeError):
     """The server answered with an error; the message is the server's."""
 
@@ -74,15 +86,8 @@ class RankerClient:
     def rank(self, user_fids: np.ndarray, item_fids: np.ndarray, request_id: bytes,
              timestamp_s: float | None = None, model: str = "ranker") -> tuple[np.ndarray, int]:
         """Scores (float32[N]) of the candidates and the delta_seq they were computed at."""
-        tensors = {
-            "user_fids": np.asarray(user_fids, dtype=np.uint64),
-            "item_fids": np.asarray(item_fids, dtype=np.uint64),
-            "request_id": np.array([request_id], dtype=np.object_),
-        }
-        if timestamp_s is not None:
-            tensors["timestamp"] = np.array([timestamp_s], dtype=np.float64)
-        out = self.infer(model, tensors, ["scores", "delta_seq"])
-        return out["scores"], int(out["delta_seq"][0])
+        out = self.infer(model, rank_tensors(user_fids, item_fids, request_id, timestamp_s), ["scores", "delta_seq"])
+        return out["scores"][0], int(out["delta_seq"][0, 0])
 
     def feedback(self, request_id: bytes, item_fids, labels, event_time_s: float | None = None) -> int:
         """Sends actions; returns how many the server durably accepted."""

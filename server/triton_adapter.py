@@ -34,12 +34,20 @@ def data_dir(params: dict[str, str]) -> Path:
     return path
 
 
-def inputs(request, names) -> dict:
-    """name -> numpy array, or None where the request lacks that input."""
+def inputs(request, names, batched: bool = False) -> dict:
+    """name -> numpy array, or None where the request lacks that input. With
+    ``batched`` (a config with max_batch_size > 0 and ragged batching), each
+    request carries a leading batch dimension of 1, removed here."""
     out = {}
     for name in names:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
-        out[name] = None if tensor is None else tensor.as_numpy()
+        value = None if tensor is None else tensor.as_numpy()
+        if batched and value is not None:
+            if value.ndim == 0 or value.shape[0] != 1:
+                raise ValueError(f"input '{name}' requires a batch dimension of 1 per request, "
+                                 f"got shape {list(value.shape)}")
+            value = value[0]
+        out[name] = value
     return out
 
 

@@ -1,6 +1,7 @@
 """The real tritonserver, started by the launcher on free loopback ports, over HTTP and gRPC."""
 
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -114,7 +115,7 @@ BAD_RANK_REQUESTS = [
 @pytest.mark.parametrize("name, tensors, message", BAD_RANK_REQUESTS, ids=[b[0] for b in BAD_RANK_REQUESTS])
 def test_bad_requests_get_clear_errors_and_serving_continues(client, name, tensors, message):
     with pytest.raises(InferError, match=message):
-        client.infer("ranker", tensors, ["scores", "delta_seq"])
+        client.infer("ranker", {name: value[None] for name, value in tensors.items()}, ["scores", "delta_seq"])
     scores, _ = client.rank(_USER, _ITEMS, request_id=b"after-bad")
     assert scores.shape == (5,)
 
@@ -197,3 +198,38 @@ def test_restart_loads_the_snapshot(tmp_path):
     with TritonServer(tmp_path / "fresh") as srv, RankerClient(srv.grpc_url, "grpc") as c:
         fresh, seq = c.rank(user, items, request_id=b"fresh")
     assert seq == 0 and not np.allclose(fresh, scores)
+
+
+def test_concurrent_requests_batched_together_get_their_own_scores(server):
+    """Dynamic batching hands execute() several requests (different N) at once:
+    each must get exactly the scores it gets when sent alone."""
+    requests = [request_for(100 + k, range(k * 3, k * 3 + 5 + k)) for k in range(8)]
+    with RankerClient(server.grpc_url, "grpc") as client:
+        alone = [client.rank(u, i, request_id=b"alone")[0] for u, i in requests]
+    results: dict[int, list] = {k: [] for k in range(len(requests))}
+
+    def send(k):
+        with RankerClient(server.grpc_url, "grpc") as c:
+            for _ in range(20):
+                results[k].append(c.rank(*requests[k], request_id=f"c{k}".encode())[0])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, scores in results.items():
+        assert len(scores) == 20
+        for s in scores:
+            np.testing.assert_allclose(s, alone[k], rtol=1e-6)
+    stats = RankerClient(server.grpc_url, "grpc").raw.get_inference_statistics("ranker", as_json=True)
+    model = stats["model_stats"][0]
+    assert int(model["execution_count"]) < int(model["inference_count"]), "no request was ever batched"
+
+
+def test_a_batch_dimension_above_one_is_refused(client):
+    user, items = request_for(1, range(3))
+    tensors = {"user_fids": np.stack([user, user]), "item_fids": np.stack([items, items]),
+               "request_id": np.array([[b"a"], [b"b"]], dtype=np.object_)}
+    with pytest.raises(InferError, match="batch dimension of 1"):
+        client.infer("ranker", tensors, ["scores"])

@@ -17,9 +17,9 @@ class TritonPythonModel:
             items = pb_utils.get_input_tensor_by_name(request, "item_fids").as_numpy()
             pb_utils.get_input_tensor_by_name(request, "user_fids").as_numpy()
             pb_utils.get_input_tensor_by_name(request, "request_id").as_numpy()
-            outputs = [
-                pb_utils.Tensor("scores", np.zeros(items.shape[0], dtype=np.float32)),
-                pb_utils.Tensor("delta_seq", np.zeros(1, dtype=np.int64)),
+            outputs = [  # [1, N] and [1, 1]: a batch dimension of 1, as the ranker's
+                pb_utils.Tensor("scores", np.zeros((1, items.shape[1]), dtype=np.float32)),
+                pb_utils.Tensor("delta_seq", np.zeros((1, 1), dtype=np.int64)),
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses

@@ -1,5 +1,6 @@
 """Triton adapter for the ranker: tensors in, server.ranker, tensors out."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ class TritonPythonModel:
     def initialize(self, args):
         triton.route_logging()
         params = triton.model_parameters(args)
+        # With max_batch_size > 0 (the shipped config: dynamic batching, ragged
+        # inputs) each request carries a leading batch dim of 1; Triton hands
+        # execute() every queued request at once. 0 also works: no batch dim.
+        self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
         torch.set_num_threads(int(params.get("torch_threads", "1")))
         schema_path = Path(args["model_repository"]) / params.get("feature_schema", "feature_schema.json")
         try:
@@ -47,8 +52,9 @@ class TritonPythonModel:
         parsed = []
         for i, request in enumerate(requests):
             try:
-                parsed.append((i, parse_rank_request(triton.inputs(request, INPUTS), self.runtime.schema, now)))
-            except RequestError as exc:
+                tensors = triton.inputs(request, INPUTS, self.batched)
+                parsed.append((i, parse_rank_request(tensors, self.runtime.schema, now)))
+            except (RequestError, ValueError) as exc:
                 self.runtime.rejected["invalid"] += 1
                 responses[i] = triton.error_response(f"ranker: {exc}")
         if parsed:
@@ -59,11 +65,13 @@ class TritonPythonModel:
                 for i, _ in parsed:
                     responses[i] = triton.error_response(f"ranker: internal error: {exc!r}", internal=True)
             else:
-                seq_tensor = pb_utils.Tensor("delta_seq", np.array([seq], dtype=np.int64))
+                seq_array = np.array([seq], dtype=np.int64)
+                seq_tensor = pb_utils.Tensor("delta_seq", seq_array[None] if self.batched else seq_array)
                 for (i, request), s in zip(parsed, scores):
                     self.runtime.log_scored(request, s, seq)
+                    s = s.astype(np.float32)
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor("scores", s.astype(np.float32)), seq_tensor]
+                        output_tensors=[pb_utils.Tensor("scores", s[None] if self.batched else s), seq_tensor]
                     )
         return responses
 
