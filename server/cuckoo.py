@@ -466,6 +466,24 @@ def evict_older_than(keys, stamps, versions, cutoff, out_fids):
 
 
 @numba.njit(cache=True, nogil=True)
+def evict_by_slot(keys, stamps, versions, cutoffs, out_fids):
+    """Removes every key whose stamp < cutoffs[key >> 48] and writes it to
+    out_fids. Writer only. Returns the number evicted."""
+    n = 0
+    shift = np.uint64(48)
+    for pos in range(keys.shape[0]):
+        key = keys[pos]
+        if key != EMPTY_KEY and stamps[pos] < cutoffs[np.int64(key >> shift)]:
+            bucket = pos // SLOTS
+            _begin_write(versions, bucket)
+            keys[pos] = EMPTY_KEY
+            _end_write(versions, bucket)
+            out_fids[n] = key
+            n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
 def export_chunk(keys, rows, stamps, start, out_fids, out_rows, out_stamps):
     """Copies up to len(out_fids) live entries from slot start onwards.
     Returns (next_start, n); next_start == capacity when done. Writer only

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,27 +43,39 @@ def snapshot_root(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / "snapshots"
 
 
-def write_snapshot(data_dir, table: EmbeddingTable, dense_state, delta_seq: int) -> Path:
-    """Writes a complete snapshot atomically and returns its directory."""
-    root = snapshot_root(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{int(delta_seq):020d}"
-    tmp = root / f".tmp-{int(delta_seq):020d}-{os.getpid()}"
+@contextmanager
+def atomic_directory(final: Path):
+    """Yields a hidden temp directory beside ``final``; on a clean exit every
+    file in it is fsynced, it is renamed to ``final`` (replacing an older one)
+    and the parent fsynced. On an exception it is removed and ``final`` is
+    untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        table.save(tmp / "table.snap")
-        _write_synced(tmp / "dense.bin", encode_tensors(dense_state))
-        meta = {"delta_seq": int(delta_seq), "created_s": time.time(), "rows": len(table), "dim": table.dim}
-        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
+        yield tmp
+        for child in tmp.iterdir():
+            _fsync_path(child)
         _fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_path(root)
+        _fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_snapshot(data_dir, table: EmbeddingTable, dense_state, delta_seq: int) -> Path:
+    """Writes a complete snapshot atomically and returns its directory."""
+    final = snapshot_root(data_dir) / f"{int(delta_seq):020d}"
+    with atomic_directory(final) as tmp:
+        table.save(tmp / "table.snap")
+        (tmp / "dense.bin").write_bytes(encode_tensors(dense_state))
+        meta = {"delta_seq": int(delta_seq), "created_s": time.time(), "rows": len(table), "dim": table.dim}
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return final
 
 
@@ -93,13 +106,6 @@ def prune_snapshots(data_dir, keep: int = 2) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_path(path: Path) -> None:

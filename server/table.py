@@ -207,11 +207,12 @@ class EmbeddingTable:
 
     # ----------------------------------------------------------------- writers
 
-    def upsert(self, fids, rows, now: float, min_count: int = 1) -> np.ndarray:
-        """Sets the row of each FID and stamps it ``now``; returns bool (n,)
-        of the FIDs written. With ``min_count > 1``, a FID not yet in the
-        table counts one sighting and is written only once it has been seen
-        ``min_count`` times. Repeated FIDs: the last row wins."""
+    def upsert(self, fids, rows, now, min_count=1) -> np.ndarray:
+        """Sets the row of each FID and stamps it ``now`` (a time, or one per
+        row); returns bool (n,) of the FIDs written. With ``min_count > 1`` (an
+        int, or one per FID), a FID not yet in the table counts one sighting
+        and is written only once it has been seen ``min_count`` times.
+        Repeated FIDs: the last row wins."""
         fids = _as_fids(fids)
         n = fids.shape[0]
         rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -219,13 +220,16 @@ class EmbeddingTable:
             raise ValueError(f"rows requires shape {(n, self.dim)} to match fids, got {rows.shape}")
         if np.any(fids == EMPTY_KEY):
             raise ValueError(f"fids must not contain the reserved empty key {int(EMPTY_KEY):#x}")
-        now = float(now)
-        if not np.isfinite(now):
-            raise ValueError(f"now requires a finite time, got {now}")
+        stamps = np.ascontiguousarray(np.broadcast_to(np.asarray(now, dtype=np.float64), (n,)))
+        if not np.all(np.isfinite(stamps)):
+            raise ValueError(f"now requires finite times, got {now}")
         with self._write_lock:
-            admit = self._admit(fids, int(min_count))
-            self._write(fids, rows, np.full(n, now), admit)
-            self._newest_stamp = max(self._newest_stamp, now)
+            admit = self._admit(fids, min_count)
+            self._write(fids, rows, stamps, admit)
+            if n:
+                self._newest_stamp = max(self._newest_stamp, float(stamps.max()))
+            elif np.ndim(now) == 0:
+                self._newest_stamp = max(self._newest_stamp, float(now))
         return admit
 
     def delete(self, fids) -> np.ndarray:
@@ -247,6 +251,20 @@ class EmbeddingTable:
             state = self._state
             evicted = np.empty(self._count, dtype=np.uint64)
             n = cuckoo.evict_older_than(state.keys, state.stamps, state.versions, reference - ttl_s, evicted)
+            self._count -= n
+        return evicted[:n].copy()
+
+    def evict_expired_by_slot(self, ttl_s_by_slot: dict[int, float], now: float | None = None) -> np.ndarray:
+        """Like ``evict_expired`` with a TTL per slot (slot = FID >> 48); FIDs
+        of slots not listed never expire. Returns the evicted FIDs."""
+        cutoffs = np.full(1 << 16, -np.inf)  # indexed by key >> 48, any 64-bit key
+        with self._write_lock:
+            reference = self._newest_stamp if now is None else float(now)
+            for slot, ttl in ttl_s_by_slot.items():
+                cutoffs[slot] = reference - float(ttl)
+            state = self._state
+            evicted = np.empty(self._count, dtype=np.uint64)
+            n = cuckoo.evict_by_slot(state.keys, state.stamps, state.versions, cutoffs, evicted)
             self._count -= n
         return evicted[:n].copy()
 
@@ -355,15 +373,24 @@ class EmbeddingTable:
 
     # ---------------------------------------------------------------- private
 
-    def _admit(self, fids: np.ndarray, min_count: int) -> np.ndarray:
-        if min_count <= 1:
+    def admit(self, fids, min_counts) -> np.ndarray:
+        """bool (n,): FIDs that are present, or that reach their admission
+        threshold with this sighting. Counts one sighting of each absent FID
+        (repeats within a call count again). ``min_counts``: int or int (n,)."""
+        fids = _as_fids(fids)
+        with self._write_lock:
+            return self._admit(fids, min_counts)
+
+    def _admit(self, fids: np.ndarray, min_counts) -> np.ndarray:
+        thresholds = np.broadcast_to(np.asarray(min_counts, dtype=np.int64), fids.shape)
+        if not np.any(thresholds > 1):
             return np.ones(fids.shape[0], dtype=np.bool_)
         admit = self.contains(fids)
         new = ~admit
         if np.any(new):
             counts = np.empty(int(new.sum()), dtype=np.uint16)
             cuckoo.sketch_count(self._sketch, fids[new], counts)
-            admit[new] = counts >= min(min_count, 0xFFFF)
+            admit[new] = counts >= np.minimum(thresholds[new], 0xFFFF)
         return admit
 
     def _write(self, fids: np.ndarray, rows: np.ndarray, stamps: np.ndarray, admit: np.ndarray) -> None:

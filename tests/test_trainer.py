@@ -1,0 +1,221 @@
+"""Trainer: training step, deltas, admission/expiry, joiner, checkpoints, and end to end with Triton."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from server.client import RankerClient
+from server.features import PAD_FID, FeatureSchema, Slot, fid, load_schema
+from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.records import FeatureRecord, FeedbackRecord
+from server.segment_log import SegmentLogWriter
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.joiner import Joiner
+from trainer.model import TrainerModel, auc
+from trainer.online import OnlineConfig, OnlineTrainer
+
+SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+
+
+def batch(n, user_id=1, first_item=0):
+    user, items = SCHEMA.encode_request({"user_id": user_id, "hour": 3},
+                                        [{"item_id": first_item + i, "item_genres": ["Drama"]} for i in range(n)])
+    return np.repeat(user[None], n, axis=0), items
+
+
+def test_auc_matches_pairwise_definition(rng):
+    labels = rng.integers(0, 2, 300)
+    scores = rng.integers(0, 20, 300).astype(float)  # many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auc(labels, scores) == pytest.approx(pairwise)
+
+
+def test_step_changes_exactly_the_touched_rows_and_the_delta_carries_them():
+    model = TrainerModel(SCHEMA)
+    user, items = batch(8)
+    model.train_step(user, items, np.ones(8, np.float32), now=10.0)
+    before = {int(f): r.copy() for fids, rows, _ in model.table.items() for f, r in zip(fids, rows)}
+    model.take_delta(1)
+    user2, items2 = batch(4, user_id=2, first_item=100)  # shares genre and hour FIDs with the first batch
+    model.train_step(user2, items2, np.zeros(4, np.float32), now=11.0)
+    after = {int(f): r for fids, rows, _ in model.table.items() for f, r in zip(fids, rows)}
+    touched = set(np.unique(np.concatenate([user2, items2], axis=1)).tolist()) - {PAD_FID}
+    assert touched <= set(after)
+    for f in set(after) - touched:
+        np.testing.assert_array_equal(after[f], before[f])  # untouched rows: bit for bit the same
+    changed = {f for f in touched if f not in before or not np.array_equal(after[f], before[f])}
+    assert changed == touched
+    record = model.take_delta(2)
+    assert record.seq == 2 and set(record.fids.tolist()) == touched
+    for f, row in zip(record.fids.tolist(), record.values):
+        np.testing.assert_array_equal(row, after[f][: SCHEMA.dim])  # serving gets the embedding half
+    assert model.take_delta(3) is None
+
+
+def test_admission_and_expiry_per_slot():
+    schema = FeatureSchema((Slot("u", 1, "user", 4, ttl_s=100.0), Slot("i", 2, "item", 4, min_count=3, ttl_s=10.0)))
+    model = TrainerModel(schema)
+    user = np.array([[fid(1, "a")]], np.uint64)
+    item = np.array([[fid(2, "x")]], np.uint64)
+    for step in range(2):
+        model.train_step(user, item, np.ones(1, np.float32), now=float(step))
+        assert not model.table.contains(item[0])[0], "admitted before its third sighting"
+    assert model.table.contains(user[0])[0]
+    model.train_step(user, item, np.ones(1, np.float32), now=2.0)
+    assert model.table.contains(item[0])[0]
+    model.take_delta(1)
+    model.train_step(user, np.array([[fid(2, "y")]], np.uint64), np.ones(1, np.float32), now=50.0)
+    evicted = model.evict_expired()  # newest update 50: items older than 40 go, users (ttl 100) stay
+    assert evicted.tolist() == [fid(2, "x")]
+    record = model.take_delta(2)
+    assert fid(2, "x") in record.evicted.tolist() and fid(2, "x") not in record.fids.tolist()
+
+
+def write_feature(log, rid, items, t=1.0):
+    user, item_fids = SCHEMA.encode_request({"user_id": 1}, [{"item_id": i} for i in items])
+    log.append(FeatureRecord(rid, t, 0, user, item_fids, np.zeros(len(items), np.float32)).encode())
+    return item_fids
+
+
+def write_action(log, rid, item, label=1.0):
+    log.append(FeedbackRecord(rid, 1.0, 1.0, np.array([fid(10, item)], np.uint64), np.array([label], np.float32))
+               .encode())
+
+
+def test_joiner_joins_out_of_order_counts_late_and_samples_negatives(tmp_path):
+    features = SegmentLogWriter(tmp_path / "feature_log" / "ranker_0")
+    feedback = SegmentLogWriter(tmp_path / "feedback_log" / "feedback_0")
+    joiner = Joiner(tmp_path, window_s=10.0, negative_rate=0.25, seed=1)
+    write_action(feedback, b"early", 7)  # the action is read before its request
+    assert len(joiner.poll(now_s=0.0)) == 0
+    write_feature(features, b"early", [6, 7, 8])
+    out = joiner.poll(now_s=1.0)
+    assert out.labels == [1.0] and out.item_fids[0][0] == np.uint64(fid(10, 7))
+    write_feature(features, b"r2", [1, 2])
+    write_action(feedback, b"r2", 2, label=0.5)
+    write_action(feedback, b"r2", 99)  # not a candidate
+    out = joiner.poll(now_s=2.0)
+    assert out.labels == [0.5] and joiner.unmatched == 1
+    state = joiner.state()
+    restored = Joiner(tmp_path, window_s=10.0, negative_rate=0.25)
+    restored.restore(state, now_s=2.0)
+    assert restored.buffered == 2 and restored.state() == state
+    assert len(joiner.poll(now_s=11.5)) + len(joiner.poll(now_s=12.5)) <= 3  # windows close: negatives only
+    write_action(feedback, b"r2", 1)  # after its window
+    joiner.poll(now_s=13.0)
+    assert joiner.late == 1
+    for k in range(1000):
+        write_feature(features, f"n{k}".encode(), [1, 2, 3, 4])
+    joiner.poll(now_s=20.0)
+    negatives = len(joiner.poll(now_s=40.0))
+    assert abs(negatives - 1000) < 5 * np.sqrt(4000 * 0.25 * 0.75)  # 4000 impressions at rate 0.25
+    out = Joiner(tmp_path, window_s=1.0, negative_rate=0.25).poll(now_s=0.0)
+    assert len(out) >= 2  # a fresh joiner re-reads the logs from the start
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = TrainerModel(SCHEMA)
+    user, items = batch(16)
+    for step in range(3):
+        model.train_step(user, items, np.ones(16, np.float32), now=float(step))
+    save_checkpoint(tmp_path, model, None, delta_seq=5)
+    other = TrainerModel(SCHEMA)
+    assert load_checkpoint(tmp_path, other, None)["delta_seq"] == 5
+    np.testing.assert_array_equal(other.predict(user, items), model.predict(user, items))
+    model.train_step(user, items, np.ones(16, np.float32), now=9.0)
+    other.train_step(user, items, np.ones(16, np.float32), now=9.0)
+    for k, v in model.dense.state_dict().items():
+        assert torch.allclose(other.dense.state_dict()[k], v), k  # Adam state restored too
+
+
+def test_positive_feedback_raises_the_items_score_within_seconds(tmp_path):
+    """Server + online trainer: a burst of clicks on one item shows in its score."""
+    data = tmp_path / "data"
+    with TritonServer(data) as server, RankerClient(server.grpc_url, "grpc") as client:
+        trainer = OnlineTrainer(SCHEMA, data, OnlineConfig(sync_interval_s=0.2, window_s=2.0, negative_rate=1.0,
+                                                           max_batch_delay_s=0.01))
+        stop = threading.Event()
+        thread = threading.Thread(target=trainer.run, args=(stop,))
+        thread.start()
+        try:
+            user, items = SCHEMA.encode_request({"user_id": 77, "hour": 12},
+                                                [{"item_id": 500 + i, "item_genres": ["Comedy"]} for i in range(5)])
+            before, seq0 = client.rank(user, items, request_id=b"probe-0")
+            clicked_at = time.monotonic()
+            for k in range(40):
+                rid = f"burst-{k}".encode()
+                client.rank(user, items, request_id=rid)
+                client.feedback(rid, items[:1, 0], [1.0])
+            deadline = clicked_at + 10.0
+            while True:
+                scores, seq = client.rank(user, items, request_id=b"probe")
+                if seq > seq0 and scores[0] > before[0] + 0.05:
+                    break
+                assert time.monotonic() < deadline, f"score {scores[0]:.3f} (was {before[0]:.3f}) at seq {seq}"
+                time.sleep(0.05)
+            print(f"score of the clicked item {before[0]:.3f} -> {scores[0]:.3f} at seq {seq}, "
+                  f"{time.monotonic() - clicked_at:.2f} s after the first click")
+            assert scores[0] > scores[1:].max(), "the clicked item should now rank first"
+        finally:
+            stop.set()
+            thread.join()
+            trainer.close()
+    assert trainer.joiner.joined >= 40
+
+
+def test_kill_9_trainer_mid_run_loses_no_joined_example(tmp_path):
+    """Logs stream in while the trainer is SIGKILLed and restarted: in the end
+    every impression became exactly one example (negative_rate 1) and every
+    action was joined once, counted across the restart by the checkpoints."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    requests, candidates, actions = 240, 3, 120
+
+    def write_logs():
+        with SegmentLogWriter(data / "feature_log" / "ranker_0") as features, \
+                SegmentLogWriter(data / "feedback_log" / "feedback_0") as feedback:
+            for k in range(requests):
+                rid = f"r{k}".encode()
+                write_feature(features, rid, [k * 10 + c for c in range(candidates)])
+                if k % 2 == 0:
+                    write_action(feedback, rid, k * 10)
+                time.sleep(8.0 / requests)
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "train", "online", "--data-dir", str(data),
+                                 "--window-s", "1", "--negative-rate", "1", "--snapshot-interval-s", "0.3",
+                                 "--sync-interval-ms", "100"], stderr=subprocess.PIPE, text=True)
+
+    writer = threading.Thread(target=write_logs)
+    writer.start()
+    trainer = start()
+    deadline = time.monotonic() + 60
+    while not any((data / "trainer").glob("0*")):  # first checkpoint written
+        assert time.monotonic() < deadline and trainer.poll() is None, "trainer never checkpointed"
+        time.sleep(0.05)
+    time.sleep(0.4)  # mid-run: between checkpoints, logs still streaming
+    assert writer.is_alive(), "logs finished before the kill: make them longer"
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    trainer = start()
+    writer.join()
+    time.sleep(3.0)  # every window (1 s) closes and is trained
+    trainer.send_signal(signal.SIGTERM)
+    _, err = trainer.communicate(timeout=60)
+    assert trainer.returncode == 0, err[-2000:]
+    assert "resumed from trainer checkpoint" in err
+    checkpoint = sorted((data / "trainer").iterdir())[-1]
+    counters = json.loads((checkpoint / "meta.json").read_text())["counters"]
+    assert counters["joined"] == actions
+    assert counters["examples"] == requests * candidates
+    assert counters["negatives"] == requests * candidates - actions
+    assert counters["late"] == 0

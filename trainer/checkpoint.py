@@ -1,0 +1,92 @@
+"""Trainer checkpoints: everything a restarted trainer needs to go on exactly.
+
+    <data_dir>/trainer/<delta_seq:020d>/
+        table.snap    rows with their Adagrad accumulators (EmbeddingTable format)
+        dense.bin     dense weights and Adam state (server.tensor_io format)
+        joiner.bin    log read positions and the join buffer (trainer.joiner)
+        meta.json     {"delta_seq", "steps", "created_s"}
+
+Written like serving snapshots (temp dir, fsync, rename), so a kill -9 at
+any moment leaves the previous checkpoint whole. Every checkpoint is taken
+right after a delta emission, so its delta_seq covers all the state in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from server.snapshot import atomic_directory
+from server.table import EmbeddingTable, SnapshotError
+from server.tensor_io import decode_tensors, encode_tensors
+from trainer.joiner import Joiner
+from trainer.model import TrainerModel
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_root(data_dir) -> Path:
+    return Path(data_dir) / "trainer"
+
+
+def save_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None, delta_seq: int, keep: int = 2,
+                    counters: dict | None = None) -> Path:
+    """Writes a checkpoint at delta_seq (``counters``: running totals to carry
+    over a restart) and keeps the newest ``keep``."""
+    final = checkpoint_root(data_dir) / f"{int(delta_seq):020d}"
+    tensors = {f"dense.{k}": v for k, v in model.dense.state_dict().items()}
+    for index, state in model.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"adam.{index}.{name}"] = torch.as_tensor(value)
+    with atomic_directory(final) as tmp:
+        model.table.save(tmp / "table.snap")
+        (tmp / "dense.bin").write_bytes(encode_tensors(tensors))
+        (tmp / "joiner.bin").write_bytes(joiner.state() if joiner is not None else b"")
+        (tmp / "meta.json").write_text(json.dumps({"delta_seq": int(delta_seq), "steps": model.steps,
+                                                   "created_s": time.time(), "counters": counters or {}}))
+    for old in list_checkpoints(data_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(data_dir) -> list[Path]:
+    root = checkpoint_root(data_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / "meta.json").is_file())
+
+
+def load_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None) -> dict | None:
+    """Restores the newest readable checkpoint into model (and joiner);
+    returns its meta ({"delta_seq", "steps", "counters", ...}), or None."""
+    for path in reversed(list_checkpoints(data_dir)):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            table = EmbeddingTable.load(path / "table.snap")
+            tensors = decode_tensors((path / "dense.bin").read_bytes())
+            joiner_state = (path / "joiner.bin").read_bytes()
+        except (OSError, ValueError, KeyError, SnapshotError) as exc:
+            log.error("trainer checkpoint %s is unreadable (%s); trying an older one", path, exc)
+            continue
+        if table.dim != model.table.dim:
+            raise ValueError(f"checkpoint {path} has row dim {table.dim}, the model requires {model.table.dim}")
+        model.table = table
+        model.dense.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("dense.")})
+        optimizer_state = model.optimizer.state_dict()
+        restored: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, index, name = key.split(".", 2)
+                restored.setdefault(int(index), {})[name] = value
+        optimizer_state["state"] = restored
+        model.optimizer.load_state_dict(optimizer_state)
+        model.steps = int(meta.get("steps", 0))
+        if joiner is not None and joiner_state:
+            joiner.restore(joiner_state)
+        return meta
+    return None

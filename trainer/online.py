@@ -1,0 +1,222 @@
+"""Training loops: ``batch`` (one pass over history, then a snapshot to serve
+from) and ``online`` (runs beside the server: join, train, emit deltas).
+
+Online loop, one thread, every step bounded:
+
+    poll the joiner            new examples (positives at once, negatives as
+                               windows close)
+    micro-batch                trains when ``batch_size`` examples wait, or the
+                               oldest has waited ``max_batch_delay_s``
+    every sync interval        the touched rows -> one sparse delta record
+    every dense interval       the dense weights -> one dense delta record
+    every expiry interval      per-slot TTL eviction (deletes ride the next delta)
+    every snapshot interval    delta emitted first, then a serving snapshot and
+                               a trainer checkpoint at that seq
+    stop (SIGINT/SIGTERM)      the same as a snapshot, then exit
+
+Prequential AUC: each micro-batch is scored before it is trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.features import FeatureSchema
+from server.snapshot import write_snapshot
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.data import Examples
+from trainer.joiner import Joiner
+from trainer.model import TrainerModel, auc
+from updater.delta import DeltaRecord
+from updater.stream import FileDeltaWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineConfig:
+    sync_interval_s: float = 0.2
+    dense_interval_s: float = 600.0
+    snapshot_interval_s: float = 300.0
+    expiry_interval_s: float = 60.0
+    batch_size: int = 1024
+    max_batch_delay_s: float = 0.02
+    window_s: float = 30.0
+    negative_rate: float = 0.1
+    poll_interval_s: float = 0.005
+    stats_interval_s: float = 5.0
+
+    def __post_init__(self):
+        if not 0.05 <= self.sync_interval_s <= 86400:
+            raise ValueError(f"sync interval requires 50 ms to 24 h, got {self.sync_interval_s} s")
+        if self.batch_size < 1 or self.max_batch_delay_s < 0:
+            raise ValueError("batch_size requires >= 1 and max_batch_delay_s >= 0")
+
+
+def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner: Joiner | None,
+            counters: dict | None = None) -> int:
+    """Flushes pending rows as a delta, then writes a serving snapshot and a
+    trainer checkpoint at that seq. Returns the seq."""
+    record = model.take_delta(writer.next_seq)
+    if record is not None:
+        writer.append(record)
+    seq = writer.next_seq - 1
+    write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
+    save_checkpoint(data_dir, model, joiner, seq, counters=counters)
+    return seq
+
+
+def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train_fraction: float = 0.8,
+                batch_size: int = 1024, progress: bool = True, **model_args) -> dict:
+    """One time-ordered pass over the first train_fraction of examples, AUC on
+    the rest, then a serving snapshot + trainer checkpoint in data_dir."""
+    from tqdm import tqdm
+
+    split = int(len(examples) * train_fraction)
+    model = TrainerModel(schema, **model_args)
+    started = time.perf_counter()
+    losses = []
+    with tqdm(total=split, unit="ex", disable=not progress, file=sys.stderr, desc="batch train") as bar:
+        for start in range(0, split, batch_size):
+            stop = min(split, start + batch_size)
+            losses.append(model.train_step(examples.user_fids[start:stop], examples.item_fids[start:stop],
+                                           examples.labels[start:stop], now=float(examples.times[stop - 1])))
+            bar.update(stop - start)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    elapsed = time.perf_counter() - started
+    tail = examples.slice(split, len(examples))
+    holdout_auc = auc(tail.labels, model.predict(tail.user_fids, tail.item_fids)) if len(tail) else float("nan")
+    with FileDeltaWriter(Path(data_dir) / "deltas") as writer:
+        seq = publish(Path(data_dir), model, writer, joiner=None)
+    return {"examples": split, "examples_per_s": round(split / elapsed, 1), "loss": round(float(np.mean(losses[-50:])), 4),
+            "holdout_examples": len(tail), "holdout_auc": round(holdout_auc, 4), "rows": len(model.table),
+            "delta_seq": seq}
+
+
+class OnlineTrainer:
+    def __init__(self, schema: FeatureSchema, data_dir: str | Path, config: OnlineConfig | None = None,
+                 **model_args):
+        self.data_dir = Path(data_dir)
+        self.config = config or OnlineConfig()
+        self.model = TrainerModel(schema, **model_args)
+        self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate)
+        meta = load_checkpoint(self.data_dir, self.model, self.joiner)
+        self.writer = FileDeltaWriter(self.data_dir / "deltas")
+        self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
+                              else "no trainer checkpoint: starting from fresh weights")
+        counters = (meta or {}).get("counters", {})
+        self.examples = counters.get("examples", 0)
+        for name in ("joined", "negatives", "dropped_negatives", "late", "orphans", "unmatched"):
+            setattr(self.joiner, name, counters.get(name, 0))
+        self.emitted_rows = 0
+        self.emitted_records = 0
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._losses: list[float] = []
+
+    def run(self, stop: threading.Event, max_seconds: float | None = None) -> None:
+        cfg = self.config
+        now = time.monotonic()
+        deadline = None if max_seconds is None else now + max_seconds
+        next_sync = now + cfg.sync_interval_s
+        next_dense = now + cfg.dense_interval_s
+        next_expiry = now + cfg.expiry_interval_s
+        next_snapshot = now + cfg.snapshot_interval_s
+        next_stats = now + cfg.stats_interval_s
+        waiting: list = []
+        waiting_since = None
+        try:
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                now = time.monotonic()
+                joined = self.joiner.poll(now)
+                if len(joined):
+                    waiting.append(joined.arrays())
+                    waiting_since = waiting_since or now
+                pending = sum(w[2].shape[0] for w in waiting)
+                if pending and (pending >= cfg.batch_size or now - waiting_since >= cfg.max_batch_delay_s):
+                    self._train(waiting)
+                    waiting, waiting_since = [], None
+                if now >= next_sync:
+                    self._emit_sparse()
+                    next_sync = now + cfg.sync_interval_s
+                if now >= next_dense:
+                    self._emit_dense()
+                    next_dense = now + cfg.dense_interval_s
+                if now >= next_expiry:
+                    self.model.evict_expired()
+                    next_expiry = now + cfg.expiry_interval_s
+                if now >= next_snapshot:
+                    if waiting:  # joined examples live in no log any more: train before checkpointing
+                        self._train(waiting)
+                        waiting, waiting_since = [], None
+                    self.publish()
+                    next_snapshot = now + cfg.snapshot_interval_s
+                if now >= next_stats:
+                    self._log_stats(cfg.stats_interval_s)
+                    next_stats = now + cfg.stats_interval_s
+                if not len(joined) and not waiting:
+                    stop.wait(cfg.poll_interval_s)
+            if waiting:
+                self._train(waiting)
+        finally:
+            seq = self.publish()
+            log.info("trainer stopped: snapshot and checkpoint at delta_seq %d", seq)
+
+    def counters(self) -> dict:
+        j = self.joiner
+        return {"examples": self.examples, "joined": j.joined, "negatives": j.negatives,
+                "dropped_negatives": j.dropped_negatives, "late": j.late, "orphans": j.orphans,
+                "unmatched": j.unmatched}
+
+    def publish(self) -> int:
+        return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters())
+
+    def _train(self, waiting: list) -> None:
+        user, items, labels, times, rates = (np.concatenate(parts) for parts in zip(*waiting))
+        for start in range(0, labels.shape[0], self.config.batch_size):
+            part = slice(start, start + self.config.batch_size)
+            self._scores.append(self.model.predict(user[part], items[part]))
+            self._labels.append(labels[part])
+            self._losses.append(self.model.train_step(user[part], items[part], labels[part],
+                                                      now=float(times[part].max()), sample_rates=rates[part]))
+        self.examples += labels.shape[0]
+
+    def _emit_sparse(self) -> None:
+        record = self.model.take_delta(self.writer.next_seq)
+        if record is not None:
+            self.writer.append(record)
+            self.emitted_rows += record.fids.shape[0]
+            self.emitted_records += 1
+
+    def _emit_dense(self) -> None:
+        self._emit_sparse()
+        self.writer.append(DeltaRecord.dense(self.writer.next_seq, time.time(), self.model.dense_state()))
+        self.emitted_records += 1
+
+    def prequential_auc(self) -> float:
+        if not self._labels:
+            return float("nan")
+        return auc(np.concatenate(self._labels), np.concatenate(self._scores))
+
+    def _log_stats(self, interval_s: float) -> None:
+        j = self.joiner
+        log.info("examples %d, loss %.4f, prequential AUC %.4f, emitted rows %d (%d records), joined %d, "
+                 "negatives %d, late %d, buffered %d", self.examples,
+                 float(np.mean(self._losses[-100:])) if self._losses else float("nan"), self.prequential_auc(),
+                 self.emitted_rows, self.emitted_records, j.joined, j.negatives, j.late, j.buffered)
+
+    def close(self) -> None:
+        self.joiner.close()
+        self.writer.close()
+
+
+def configure_torch() -> None:
+    torch.set_num_threads(1)
