@@ -91,8 +91,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.mode == "batch":
         from trainer.data import load_movielens
 
-        result = train_batch(schema, load_movielens(schema), Path(args.data_dir), args.train_fraction,
-                             args.batch_size, progress=not args.json)
+        result, _ = train_batch(schema, load_movielens(schema), Path(args.data_dir), args.train_fraction,
+                                args.batch_size, progress=not args.json)
         print(orjson.dumps(result).decode() if args.json else
               f"trained on {result['examples']:,} examples at {result['examples_per_s']:,.0f}/s, "
               f"held-out AUC {result['holdout_auc']} on {result['holdout_examples']:,}; "
@@ -100,7 +100,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     config = OnlineConfig(sync_interval_s=args.sync_interval_ms / 1000, dense_interval_s=args.dense_interval_s,
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
-                          window_s=args.window_s, negative_rate=args.negative_rate)
+                          window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
+                          lr_dense=args.lr_dense)
     trainer = OnlineTrainer(schema, args.data_dir, config)
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -118,6 +119,57 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 
     result = bench_train(_schema(), args.batch)
     print(orjson.dumps(result).decode() if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def _run_freshness(args: argparse.Namespace) -> int:
+    from loadtest.freshness import run_freshness
+
+    result = run_freshness(args.url, args.protocol, args.probes, args.timeout_s, args.sync_interval_ms, _schema())
+    if args.json:
+        print(orjson.dumps(result).decode())
+    else:
+        print(f"freshness over {result['probes']} probes (sync interval {args.sync_interval_ms:.0f} ms): "
+              f"p50 {result['p50_s']} s, p99 {result['p99_s']} s, max {result['max_s']} s, "
+              f"failed {result['failed']}")
+    return 0 if result["failed"] == 0 else 1
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from loadtest.demo import format_summary, run_demo
+    from trainer.online import configure_torch
+
+    configure_torch()
+    data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="monolith-demo-"))
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not args.fresh:
+            print(f"monolith-rt demo: {data_dir} is not empty; pass --fresh to start it over", file=sys.stderr)
+            return 2
+        shutil.rmtree(data_dir)
+    report_dir = Path(args.report)
+    summary = run_demo(_schema(), data_dir, report_dir, args.minutes, args.concurrency, args.negatives,
+                       args.sync_interval_ms)
+    print(orjson.dumps(summary).decode() if args.json else format_summary(summary, report_dir))
+    return 0 if summary["errors"] == 0 else 1
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from loadtest.latency import format_report, run_latency, write_report
+
+    if args.url is None and not args.spawn:
+        print("monolith-rt loadtest latency: give --url HOST:PORT or --spawn", file=sys.stderr)
+        return 2
+    result = run_latency(_schema(), None if args.spawn else args.url, args.protocol, args.rate, args.concurrency,
+                         args.duration_s, args.warmup_s, args.candidates, args.with_updates, args.baseline,
+                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed)
+    if args.report:
+        write_report(result, args.report)
+    result.pop("_timelines", None)
+    print(orjson.dumps(result).decode() if args.json else format_report(result))
     return 0
 
 
@@ -240,9 +292,73 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--window-s", type=float, default=30.0, help="join window in seconds (default 30)")
     online.add_argument("--negative-rate", type=float, default=0.1,
                         help="share of unclicked impressions kept as negatives (default 0.1)")
+    online.add_argument("--lr-sparse", type=float, default=0.05, help="Adagrad rate of embedding rows (default 0.05)")
+    online.add_argument("--lr-dense", type=float, default=1e-4, help="Adam rate of dense weights (default 1e-4)")
     online.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: never)")
     for p in (batch, online):
         p.set_defaults(run=_run_train)
+
+    demo = commands.add_parser(
+        "demo", help="end to end on MovieLens-100K: batch train, serve, train online, replay live traffic",
+        description="Batch-trains on the first 80%% of MovieLens-100K, starts tritonserver and the online "
+        "trainer on loopback, replays the last 20%% in time order as ranking requests and feedback, shows "
+        "requests/s, p99 latency, freshness and the AUC of served scores live, and writes a report.")
+    demo.add_argument("--minutes", type=float, default=3.0, help="bound on the replay (default 3)")
+    demo.add_argument("--concurrency", type=_positive_int, default=4, help="client threads (default 4)")
+    demo.add_argument("--negatives", type=int, default=9, help="extra candidates per request (default 9)")
+    demo.add_argument("--sync-interval-ms", type=float, default=200.0, help="trainer sync interval (default 200)")
+    demo.add_argument("--data-dir", default=None, help="data directory (default: a new temporary one)")
+    demo.add_argument("--fresh", action="store_true", help="empty --data-dir first if it holds anything")
+    demo.add_argument("--report", default="reports/demo", help="report directory (default reports/demo)")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.set_defaults(run=_run_demo)
+
+    loadtest = commands.add_parser("loadtest", help="latency and freshness load tests")
+    loadtests = loadtest.add_subparsers(dest="loadtest", required=True, metavar="TEST")
+    latency = loadtests.add_parser(
+        "latency", help="ranker latency: open-loop rate or closed-loop concurrency, HDR percentiles",
+        description="Measures ranker latency like perf_analyzer: open loop at --rate (latency from each "
+        "request's intended send time, so no coordinated omission) or closed loop at --concurrency; HDR "
+        "histogram percentiles, achieved throughput, errors by kind, Triton's server-side split. Variants "
+        "(--with-updates, --baseline) run in alternating windows of the same run.")
+    target = latency.add_mutually_exclusive_group()
+    target.add_argument("--url", default=None, help="host:port of a running server")
+    target.add_argument("--spawn", action="store_true", help="start a server on free loopback ports")
+    load = latency.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, help="open loop: requests per second")
+    load.add_argument("--concurrency", type=_positive_int, help="closed loop: clients in flight")
+    latency.add_argument("--arrival", choices=("poisson", "constant"), default="poisson",
+                         help="open-loop arrivals (default poisson)")
+    latency.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
+    latency.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per variant (default 30)")
+    latency.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured warm-up (default 3)")
+    latency.add_argument("--rounds", type=_positive_int, default=3,
+                         help="alternating windows per variant (default 3)")
+    latency.add_argument("--max-requests", type=_positive_int, default=1_000_000,
+                         help="cap per window (default 1000000)")
+    latency.add_argument("--candidates", type=_positive_int, default=100, help="candidates per request (default 100)")
+    latency.add_argument("--with-updates", type=float, default=None, metavar="ROWS_PER_S",
+                         help="also measure while a producer streams this many rows/s of deltas")
+    latency.add_argument("--baseline", action="store_true", help="also measure the trivial baseline model")
+    latency.add_argument("--data-dir", default=None, help="the --url server's data dir (for --with-updates)")
+    latency.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    latency.add_argument("--json", action="store_true", help="print one JSON object")
+    latency.add_argument("--report", default=None, help="write latency.json and latency.png here")
+    latency.set_defaults(run=_run_latency)
+
+    fresh = loadtests.add_parser(
+        "freshness", help="feedback-to-serving freshness of hot updates",
+        description="For each probe: score a never-seen item, send positive feedback for it, and poll the ranker "
+        "until a response shows a newer delta_seq and a changed score. Reports the seconds from the accepted "
+        "feedback to that response. Spawns server + online trainer on loopback unless --url is given.")
+    fresh.add_argument("--url", default=None, help="host:port of a running server with a trainer (default: spawn)")
+    fresh.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
+    fresh.add_argument("--probes", type=_positive_int, default=20, help="number of probes (default 20)")
+    fresh.add_argument("--timeout-s", type=float, default=10.0, help="a probe fails after this long (default 10)")
+    fresh.add_argument("--sync-interval-ms", type=float, default=200.0,
+                       help="the spawned trainer's sync interval (default 200)")
+    fresh.add_argument("--json", action="store_true", help="print one JSON object")
+    fresh.set_defaults(run=_run_freshness)
 
     bench = commands.add_parser("bench", help="micro-benchmarks, each against its baseline in the same run")
     bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")

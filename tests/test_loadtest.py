@@ -1,0 +1,74 @@
+"""Load-test machinery: percentile math, the open-loop schedule, and short real runs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from loadtest.freshness import run_freshness
+from loadtest.histogram import LatencyHistogram
+from loadtest.latency import _schedule, run_latency, write_report
+from server.features import load_schema
+from server.launcher import DEFAULT_MODEL_REPOSITORY
+
+SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+
+
+def test_hdr_percentiles_match_a_known_distribution(rng):
+    samples = rng.exponential(2.0, 200_000)  # ms
+    h = LatencyHistogram()
+    for s in samples:
+        h.record_ms(s)
+    assert h.count == len(samples)
+    for q in (50, 90, 99, 99.9):
+        exact = np.percentile(samples, q)
+        assert h.percentile_ms(q) == pytest.approx(exact, rel=0.01, abs=0.002)
+    # and the analytic quantiles of Exp(mean 2): -2 ln(1 - q)
+    assert h.percentile_ms(99) == pytest.approx(-2 * np.log(0.01), rel=0.03)
+
+
+def test_open_loop_schedule_keeps_the_rate(rng):
+    constant = _schedule(100.0, 10.0, "constant", rng)
+    np.testing.assert_allclose(np.diff(constant), 0.01)
+    assert len(constant) == 1000
+    poisson = _schedule(200.0, 50.0, "poisson", rng)
+    assert abs(len(poisson) - 10_000) < 5 * np.sqrt(10_000)
+    gaps = np.diff(poisson)
+    assert gaps.mean() == pytest.approx(1 / 200, rel=0.05)
+    assert gaps.std() == pytest.approx(1 / 200, rel=0.1)  # exponential: std == mean
+    assert poisson.max() < 50.0 and np.all(gaps >= 0)
+
+
+def test_short_spawned_latency_run(tmp_path):
+    result = run_latency(SCHEMA, None, "grpc", rate=150.0, concurrency=None, duration_s=3.0, warmup_s=0.5,
+                         candidates=20, with_updates=20_000, baseline=True, data_dir=None, rounds=1)
+    write_report(result, tmp_path)
+    saved = json.loads((tmp_path / "latency.json").read_text())
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+    for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "achieved_rps", "errors", "baseline_p50_ms",
+                "p99_ratio_vs_no_updates"):
+        assert key in saved
+    assert saved["errors"] == 0
+    assert 0 < saved["p50_ms"] <= saved["p90_ms"] <= saved["p99_ms"] <= saved["p999_ms"]
+    assert 100 < saved["achieved_rps"] < 200
+    assert saved["delta_seq_at_end"] > 0, "the updates never reached the ranker"
+    assert saved["ranker"]["server_side"]["compute_infer_us"] > 0
+
+
+def test_short_freshness_run():
+    result = run_freshness(None, "grpc", probes=3, timeout_s=10.0, sync_interval_ms=100.0, schema=SCHEMA)
+    assert result["probes"] == 3 and result["failed"] == 0
+    assert 0 < result["p50_s"] <= result["max_s"] < 5.0
+
+
+def test_short_demo_run(tmp_path):
+    from loadtest.demo import run_demo
+
+    summary = run_demo(SCHEMA, tmp_path / "data", tmp_path / "report", minutes=0.15, concurrency=2, negatives=4,
+                       sync_interval_ms=200.0)
+    assert summary["errors"] == 0 and summary["requests"] > 200
+    assert 0.5 < summary["served_auc"] < 1.0 and 0.5 < summary["batch_only_auc"] < 1.0
+    assert summary["freshness"]["probes"] >= 1 and summary["freshness"]["failed"] == 0
+    assert summary["latency_ms"]["count"] == summary["requests"]
+    for name in ("summary.json", "latency.png", "quality.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 100
