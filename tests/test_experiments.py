@@ -1,0 +1,37 @@
+"""The paper's two experiments, in their --quick form."""
+
+import numpy as np
+
+from server.features import load_schema
+from server.launcher import DEFAULT_MODEL_REPOSITORY
+from trainer.experiments import _hashed, run_collisions, run_sync_interval, write_outputs
+
+SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+
+
+def test_hashing_collides_as_asked_and_keeps_padding(rng):
+    fids = rng.integers(1, 2**62, 10_000, dtype=np.uint64)
+    fids[::7] = 0
+    hashed = _hashed(fids, buckets=100, salt=3)
+    assert np.all(hashed[fids == 0] == 0)
+    assert set(np.unique(hashed[fids != 0]).tolist()) <= set(range(1, 101))
+    assert len(np.unique(hashed[fids != 0])) == 100
+    np.testing.assert_array_equal(hashed, _hashed(fids, buckets=100, salt=3))
+
+
+def test_collisions_quick(tmp_path):
+    result = run_collisions(SCHEMA, seeds=1, quick=True)
+    assert [r["variant"] for r in result["rows"]] == ["collisionless", "hashed-1/2", "hashed-1/4", "hashed-1/8"]
+    for row in result["rows"]:
+        assert 0.45 < row["auc_mean"] < 1.0 and row["seeds"] == 1
+    write_outputs(result, tmp_path)
+    assert (tmp_path / "collisions.json").exists() and (tmp_path / "collisions.png").stat().st_size > 1000
+
+
+def test_sync_interval_quick():
+    result = run_sync_interval(SCHEMA, seeds=1, quick=True)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["batch-only", "online-syncs-1", "online-syncs-10", "online-syncs-50"]
+    # One sync at the very end serves the batch model throughout: identical scores.
+    assert rows["online-syncs-1"]["auc_mean"] == rows["batch-only"]["auc_mean"]
+    assert rows["online-syncs-50"]["auc_mean"] != rows["batch-only"]["auc_mean"]
