@@ -188,6 +188,14 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_recovery(args: argparse.Namespace) -> int:
+    from loadtest.recovery_bench import bench_recovery
+
+    result = bench_recovery(_schema(), args.rows, args.seconds, args.rows_per_s)
+    print(orjson.dumps(result).decode() if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -437,6 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--batch", type=_positive_int, default=1024, help="examples per step (default 1024)")
     train_bench.add_argument("--json", action="store_true", help="print one JSON object")
     train_bench.set_defaults(run=_run_bench_train)
+
+    recovery = bench_kinds.add_parser(
+        "recovery", help="restart time with a large snapshot plus a minute of deltas",
+        description="Writes a serving snapshot of --rows rows and --seconds of deltas at --rows-per-s, then "
+        "times a server start until it answers at the last delta_seq; an empty start in the same run is the "
+        "baseline.")
+    recovery.add_argument("--rows", type=_positive_int, default=1_000_000, help="snapshot rows (default 1000000)")
+    recovery.add_argument("--seconds", type=float, default=60.0, help="seconds of deltas (default 60)")
+    recovery.add_argument("--rows-per-s", type=float, default=10_000.0, help="delta rows per second (default 10000)")
+    recovery.add_argument("--json", action="store_true", help="print one JSON object")
+    recovery.set_defaults(run=_run_bench_recovery)
     return parser
 
 
