@@ -15,7 +15,7 @@ from server.launcher import TritonServer
 
 @contextmanager
 def spawn_stack(data_dir: str | Path, sync_interval_ms: float = 200.0, window_s: float = 30.0,
-                negative_rate: float = 0.1, trainer: bool = True):
+                negative_rate: float = 0.1, trainer: bool = True, trainer_args: tuple[str, ...] = ()):
     """Yields (server, trainer_process or None); stops both on exit (the
     trainer with SIGTERM, so it writes its snapshot and checkpoint)."""
     data_dir = Path(data_dir)
@@ -27,7 +27,7 @@ def spawn_stack(data_dir: str | Path, sync_interval_ms: float = 200.0, window_s:
             process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "train", "online", "--data-dir", str(data_dir),
                  "--sync-interval-ms", str(sync_interval_ms), "--window-s", str(window_s),
-                 "--negative-rate", str(negative_rate)],
+                 "--negative-rate", str(negative_rate), *trainer_args],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
             log.close()
         try:

@@ -101,7 +101,7 @@ def _run_train(args: argparse.Namespace) -> int:
     config = OnlineConfig(sync_interval_s=args.sync_interval_ms / 1000, dense_interval_s=args.dense_interval_s,
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
-                          lr_dense=args.lr_dense)
+                          lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s)
     trainer = OnlineTrainer(schema, args.data_dir, config)
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -194,6 +194,20 @@ def _run_bench_recovery(args: argparse.Namespace) -> int:
     result = bench_recovery(_schema(), args.rows, args.seconds, args.rows_per_s)
     print(orjson.dumps(result).decode() if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from loadtest.soak import run_soak
+
+    result = run_soak(_schema(), args.minutes, args.clients, args.sample_s)
+    if args.json:
+        print(orjson.dumps(result).decode())
+    else:
+        print(f"soak {args.minutes} min: {result['requests']:,} requests, {result['errors']} errors; RSS growth "
+              f"after warm-up: server {result['server_rss_growth']}, trainer {result['trainer_rss_growth']}; "
+              f"RSS MB server {result['server_rss_mb']}, trainer {result['trainer_rss_mb']}; "
+              f"table rows {result['table_rows']}; freshness p50 {result['freshness_p50_s']} s")
+    return 0 if result["errors"] == 0 else 1
 
 
 def _port(text: str) -> int:
@@ -313,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--snapshot-interval-s", type=float, default=300.0, help="snapshot interval (default 300)")
     online.add_argument("--batch-size", type=_positive_int, default=1024, help="micro-batch size (default 1024)")
     online.add_argument("--window-s", type=float, default=30.0, help="join window in seconds (default 30)")
+    online.add_argument("--expiry-interval-s", type=float, default=60.0,
+                        help="seconds between per-slot TTL sweeps (default 60)")
     online.add_argument("--negative-rate", type=float, default=0.1,
                         help="share of unclicked impressions kept as negatives (default 0.1)")
     online.add_argument("--lr-sparse", type=float, default=0.05, help="Adagrad rate of embedding rows (default 0.05)")
@@ -381,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--json", action="store_true", help="print one JSON object")
     latency.add_argument("--report", default=None, help="write latency.json and latency.png here")
     latency.set_defaults(run=_run_latency)
+
+    soak = loadtests.add_parser(
+        "soak", help="minutes of requests + feedback + training + expiry; leaks, errors, drift",
+        description="Runs a spawned server and online trainer under steady traffic with ID churn on a "
+        "simulated clock (one day per second, so the 30-day TTLs expire within the run) and reports errors, "
+        "RSS growth after warm-up, table size, p99 latency and freshness over time.")
+    soak.add_argument("--minutes", type=float, default=10.0, help="run length (default 10)")
+    soak.add_argument("--clients", type=_positive_int, default=2, help="client threads (default 2)")
+    soak.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
+    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    soak.set_defaults(run=_run_soak)
 
     fresh = loadtests.add_parser(
         "freshness", help="feedback-to-serving freshness of hot updates",

@@ -72,3 +72,14 @@ def test_short_demo_run(tmp_path):
     assert summary["latency_ms"]["count"] == summary["requests"]
     for name in ("summary.json", "latency.png", "quality.png"):
         assert (tmp_path / "report" / name).stat().st_size > 100
+
+
+def test_short_soak():
+    from loadtest.soak import run_soak
+
+    result = run_soak(SCHEMA, minutes=0.3, clients=1, sample_s=4.0)
+    assert result["errors"] == 0, result["last_error"]
+    assert result["requests"] > 100 and len(result["samples"]) >= 3
+    assert result["freshness_failed"] == 0
+    assert result["server_rss_mb"]["end"] > 100 and result["trainer_rss_mb"]["end"] > 100
+    assert -0.5 < result["server_rss_growth"] < 0.5 and -0.5 < result["trainer_rss_growth"] < 0.5
