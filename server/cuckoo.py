@@ -449,23 +449,6 @@ def delete_batch(keys, versions, fids, deleted):
 
 
 @numba.njit(cache=True, nogil=True)
-def evict_older_than(keys, stamps, versions, cutoff, out_fids):
-    """Removes every key whose stamp < cutoff and writes it to out_fids.
-    Writer only. Returns the number evicted (out_fids has room for all keys)."""
-    n = 0
-    for pos in range(keys.shape[0]):
-        key = keys[pos]
-        if key != EMPTY_KEY and stamps[pos] < cutoff:
-            bucket = pos // SLOTS
-            _begin_write(versions, bucket)
-            keys[pos] = EMPTY_KEY
-            _end_write(versions, bucket)
-            out_fids[n] = key
-            n += 1
-    return n
-
-
-@numba.njit(cache=True, nogil=True)
 def evict_by_slot(keys, stamps, versions, cutoffs, out_fids):
     """Removes every key whose stamp < cutoffs[key >> 48] and writes it to
     out_fids. Writer only. Returns the number evicted."""

@@ -54,6 +54,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.durable import fsync_path
+
 __all__ = ["BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter"]
 
 log = logging.getLogger(__name__)
@@ -94,14 +96,6 @@ def _segment_path(directory: Path, first: int) -> Path:
 
 def _list_segments(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for name in os.listdir(directory) if (m := _SEGMENT_NAME.match(name)))
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_max_payload(n: int) -> None:
@@ -214,7 +208,7 @@ class SegmentLogWriter:
         if not self.directory.exists():
             self.directory.mkdir(parents=True)
             if fsync != "never":
-                _fsync_directory(self.directory.parent)
+                fsync_path(self.directory.parent)
         self._lock_fd = os.open(self.directory / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -311,7 +305,7 @@ class SegmentLogWriter:
         if self._fd >= 0:
             os.fsync(self._fd)
         if self._dir_dirty:
-            _fsync_directory(self.directory)
+            fsync_path(self.directory)
             self._dir_dirty = False
 
     def delete_segments_before(self, record_index: int) -> list[Path]:
@@ -326,7 +320,7 @@ class SegmentLogWriter:
                 deleted.append(_segment_path(self.directory, first))
                 deleted[-1].unlink()
             if deleted and self._fsync != "never":
-                _fsync_directory(self.directory)
+                fsync_path(self.directory)
             return deleted
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from server.durable import fsync_path
 from server.table import EmbeddingTable, SnapshotError
 from server.tensor_io import decode_tensors, encode_tensors
 
@@ -57,12 +58,12 @@ def atomic_directory(final: Path):
     try:
         yield tmp
         for child in tmp.iterdir():
-            _fsync_path(child)
-        _fsync_path(tmp)
+            fsync_path(child)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,10 +108,3 @@ def prune_snapshots(data_dir, keep: int = 2) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -50,6 +50,7 @@ import numpy as np
 
 from server import cuckoo
 from server.cuckoo import EMPTY_KEY, SLOTS
+from server.durable import fsync_path
 
 __all__ = ["EMPTY_KEY", "EmbeddingTable", "SnapshotError"]
 
@@ -246,25 +247,23 @@ class EmbeddingTable:
         (default: the newest update seen) and returns their FIDs, uint64."""
         if not ttl_s >= 0:
             raise ValueError(f"ttl_s requires >= 0, got {ttl_s}")
-        with self._write_lock:
-            reference = self._newest_stamp if now is None else float(now)
-            state = self._state
-            evicted = np.empty(self._count, dtype=np.uint64)
-            n = cuckoo.evict_older_than(state.keys, state.stamps, state.versions, reference - ttl_s, evicted)
-            self._count -= n
-        return evicted[:n].copy()
+        return self._evict(np.full(1 << 16, -float(ttl_s)), now)
 
     def evict_expired_by_slot(self, ttl_s_by_slot: dict[int, float], now: float | None = None) -> np.ndarray:
         """Like ``evict_expired`` with a TTL per slot (slot = FID >> 48); FIDs
         of slots not listed never expire. Returns the evicted FIDs."""
-        cutoffs = np.full(1 << 16, -np.inf)  # indexed by key >> 48, any 64-bit key
+        offsets = np.full(1 << 16, -np.inf)  # indexed by key >> 48: any 64-bit key
+        for slot, ttl in ttl_s_by_slot.items():
+            offsets[slot] = -float(ttl)
+        return self._evict(offsets, now)
+
+    def _evict(self, cutoff_offsets: np.ndarray, now: float | None) -> np.ndarray:
+        """Evicts keys with stamp < reference + cutoff_offsets[key >> 48]."""
         with self._write_lock:
             reference = self._newest_stamp if now is None else float(now)
-            for slot, ttl in ttl_s_by_slot.items():
-                cutoffs[slot] = reference - float(ttl)
             state = self._state
             evicted = np.empty(self._count, dtype=np.uint64)
-            n = cuckoo.evict_by_slot(state.keys, state.stamps, state.versions, cutoffs, evicted)
+            n = cuckoo.evict_by_slot(state.keys, state.stamps, state.versions, reference + cutoff_offsets, evicted)
             self._count -= n
         return evicted[:n].copy()
 
@@ -331,7 +330,7 @@ class EmbeddingTable:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **table_args) -> "EmbeddingTable":
@@ -435,10 +434,3 @@ def _as_fids(fids) -> np.ndarray:
         raise TypeError(f"fids requires dtype uint64 (or int64), got {fids.dtype}")
     return np.ascontiguousarray(fids)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

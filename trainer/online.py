@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 
 log = logging.getLogger(__name__)
+
+PREQUENTIAL_BATCHES = 2000
 
 
 @dataclass
@@ -128,9 +131,10 @@ class OnlineTrainer:
             setattr(self.joiner, name, counters.get(name, 0))
         self.emitted_rows = 0
         self.emitted_records = 0
-        self._scores: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._losses: list[float] = []
+        # Prequential AUC over the most recent micro-batches only: memory stays bounded.
+        self._scores: deque[np.ndarray] = deque(maxlen=PREQUENTIAL_BATCHES)
+        self._labels: deque[np.ndarray] = deque(maxlen=PREQUENTIAL_BATCHES)
+        self._losses: deque[float] = deque(maxlen=100)
         self._last_stats = (self.examples, self.emitted_rows)
 
     def run(self, stop: threading.Event, max_seconds: float | None = None) -> None:
@@ -224,7 +228,7 @@ class OnlineTrainer:
         log.info("%.0f examples/s, loss %.4f, prequential AUC %.4f, %.0f emitted rows/s; totals: examples %d, "
                  "emitted rows %d (%d records), joined %d, negatives %d, late %d, buffered %d",
                  (self.examples - last[0]) / interval_s,
-                 float(np.mean(self._losses[-100:])) if self._losses else float("nan"), self.prequential_auc(),
+                 float(np.mean(self._losses)) if self._losses else float("nan"), self.prequential_auc(),
                  (self.emitted_rows - last[1]) / interval_s, self.examples, self.emitted_rows,
                  self.emitted_records, j.joined, j.negatives, j.late, j.buffered)
 
