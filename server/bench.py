@@ -87,7 +87,7 @@ def bench_table(keys: int, dim: int, batch: int, seed: int = 0) -> dict:
         out[: b - a] = rows[positions]
 
     dict_s = _timed_batches(dict_lookup, dict_n, batch)
-    del index
+    index.clear()  # free it before the next stage
 
     _progress("fill a fixed-size table until the first insert fails")
     limit_capacity = 1 << max(4, (int(n * 0.9)).bit_length() - 1)

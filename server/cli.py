@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--sync-interval-ms", type=float, default=200.0,
                         help="sparse delta interval, 50 ms to 24 h (default 200)")
     online.add_argument("--dense-interval-s", type=float, default=600.0, help="dense delta interval (default 600)")
-    online.add_argument("--snapshot-interval-s", type=float, default=300.0, help="snapshot interval (default 300)")
+    online.add_argument("--snapshot-interval-s", type=float, default=600.0,
+                        help="snapshot interval; each also sends the dense weights (default 600)")
     online.add_argument("--batch-size", type=_positive_int, default=1024, help="micro-batch size (default 1024)")
     online.add_argument("--window-s", type=float, default=30.0, help="join window in seconds (default 30)")
     online.add_argument("--expiry-interval-s", type=float, default=60.0,

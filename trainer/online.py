@@ -10,8 +10,9 @@ Online loop, one thread, every step bounded:
     every sync interval        the touched rows -> one sparse delta record
     every dense interval       the dense weights -> one dense delta record
     every expiry interval      per-slot TTL eviction (deletes ride the next delta)
-    every snapshot interval    delta emitted first, then a serving snapshot and
-                               a trainer checkpoint at that seq
+    every snapshot interval    sparse and dense deltas emitted first, then a
+                               serving snapshot and a trainer checkpoint at
+                               that seq
     stop (SIGINT/SIGTERM)      the same as a snapshot, then exit
 
 Prequential AUC: each micro-batch is scored before it is trained on.
@@ -48,7 +49,7 @@ PREQUENTIAL_BATCHES = 2000
 class OnlineConfig:
     sync_interval_s: float = 0.2
     dense_interval_s: float = 600.0
-    snapshot_interval_s: float = 300.0
+    snapshot_interval_s: float = 600.0
     expiry_interval_s: float = 60.0
     batch_size: int = 1024
     max_batch_delay_s: float = 0.02
@@ -71,11 +72,14 @@ class OnlineConfig:
 
 def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner: Joiner | None,
             counters: dict | None = None) -> int:
-    """Flushes pending rows as a delta, then writes a serving snapshot and a
-    trainer checkpoint at that seq. Returns the seq."""
+    """Flushes pending rows as a sparse delta and the dense weights as a dense
+    one, then writes a serving snapshot and a trainer checkpoint at that seq,
+    so a server started from the snapshot and one that replayed the stream
+    hold the same rows and the same dense weights. Returns the seq."""
     record = model.take_delta(writer.next_seq)
     if record is not None:
         writer.append(record)
+    writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
     seq = writer.next_seq - 1
     write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
     save_checkpoint(data_dir, model, joiner, seq, counters=counters)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from server.segment_log import LogCorruptError, SegmentLogReader
-from updater.delta import KIND_NAMES, DeltaError, DeltaRecord
+from updater.delta import DeltaError, DeltaRecord
 from updater.stream import FileDeltaWriter
 
 
