@@ -20,6 +20,9 @@ Request layout: each side's slots are laid out in schema order, each taking
     user_fids  uint64[Wu]       Wu = sum of max_values over user and context slots
     item_fids  uint64[N, Wi]    Wi = sum of max_values over item slots
 
+(on the wire the ranker, which batches dynamically, takes each with a
+leading batch dimension of 1: [1, Wu] and [1, N, Wi]).
+
 The schema file (JSON) lives beside the ranker model in the model repository;
 ``load_schema`` validates it once.
 """
