@@ -67,7 +67,7 @@ def _window(url: str, protocol: str, model: str, requests, duration_s: float, ra
     errors: Counter = Counter()
     timeline: list = []
     lock = threading.Lock()
-    start = time.perf_counter() + 0.05
+    clock = {"start": 0.0, "stop_at": 0.0}
     if rate is not None:
         due = _schedule(rate, duration_s, arrival, rng)[:max_requests]
         threads = _THREADS_OPEN_LOOP
@@ -75,10 +75,18 @@ def _window(url: str, protocol: str, model: str, requests, duration_s: float, ra
         due = None
         threads = concurrency
     cursor = iter(range(len(due) if due is not None else max_requests))
-    stop_at = start + duration_s
+
+    def start_clock() -> None:  # runs once, when every client is connected
+        clock["start"] = time.perf_counter() + 0.01
+        clock["stop_at"] = clock["start"] + duration_s
+
+    ready = threading.Barrier(threads + 1, action=start_clock)
 
     def worker(k: int) -> None:
         with RankerClient(url, protocol) as client:
+            client.infer(model, rank_tensors(*requests[k % len(requests)], b"lt-connect"), ["scores"])
+            ready.wait()  # connections are up before the clock starts
+            start, stop_at = clock["start"], clock["stop_at"]
             while True:
                 with lock:
                     n = next(cursor, None)
@@ -110,8 +118,10 @@ def _window(url: str, protocol: str, model: str, requests, duration_s: float, ra
     pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in pool:
         t.start()
+    ready.wait()
     for t in pool:
         t.join()
+    start = clock["start"]
     elapsed = max(time.perf_counter() - start, 1e-9)
     return histogram, errors, elapsed, timeline
 

@@ -67,6 +67,12 @@ class Gauge:
     def set(self, value: float) -> None:
         self._metric.set(value)
 
+    def close(self) -> None:
+        """Drops the metric, then its family: the order Triton requires (the
+        reverse, as interpreter teardown may do it, crashes the stub)."""
+        self._metric = None
+        self._family = None
+
 
 class Counter:
     """A Prometheus counter that follows a running total kept elsewhere."""
@@ -80,6 +86,8 @@ class Counter:
         if total > self._reported:
             self._metric.increment(total - self._reported)
             self._reported = total
+
+    close = Gauge.close
 
 
 class TritonLogHandler(logging.Handler):
@@ -107,9 +115,11 @@ def route_logging() -> None:
 class MetricsThread:
     """Calls ``update`` every ``interval_s`` on a daemon thread. Each metric
     update is a round trip to the Triton process (~0.1 ms), so metrics are
-    refreshed on a clock, off the request path, and stay current when idle."""
+    refreshed on a clock, off the request path, and stay current when idle.
+    ``stop`` ends the thread and closes ``metrics`` in the required order."""
 
-    def __init__(self, update, interval_s: float):
+    def __init__(self, update, interval_s: float, metrics=()):
+        self._metrics = list(metrics)
         self._update = update
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -127,3 +137,5 @@ class MetricsThread:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(self._interval_s + 1.0)
+        for metric in self._metrics:
+            metric.close()

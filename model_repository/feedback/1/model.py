@@ -19,7 +19,8 @@ class TritonPythonModel:
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.m_written = triton.Counter("monolith_feedback_log_written_total", "Feedback log records written", **labels)
         self.m_rejected = triton.Counter("monolith_feedback_rejected_total", "Feedback requests refused", **labels)
-        self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S)
+        self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S,
+                                             metrics=(self.m_written, self.m_rejected))
 
     def execute(self, requests):
         responses = []

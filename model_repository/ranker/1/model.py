@@ -44,7 +44,9 @@ class TritonPythonModel:
         self.m_rejected_deltas = triton.Counter("monolith_delta_records_rejected_total",
                                                 "Delta records refused (the updater halts)", **labels)
         self.m_halted = triton.Gauge("monolith_delta_updater_halted", "1 if the updater stopped applying", **labels)
-        self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S)
+        self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S, metrics=(
+            self.m_rows, self.m_seq, self.m_log_written, self.m_log_queued, self.m_log_shed, self.m_rejected,
+            self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted))
 
     def execute(self, requests):
         now = now_s()
