@@ -404,6 +404,12 @@ class SegmentLogReader:
                 if self._view is None and not self._open_next():
                     break
                 status, value, end = _read_record(self._view, self._offset, self._expected, self.max_payload_bytes)
+                if status == _BAD and not self._sealed:
+                    # An append in flight can be seen half written by one read and whole
+                    # (with the next record after it) by the next: look again before judging.
+                    self._view.reset()
+                    status, value, end = _read_record(self._view, self._offset, self._expected,
+                                                      self.max_payload_bytes)
                 if status == _OK:
                     if self._expected >= self._start:
                         out.append((self._expected, value))
