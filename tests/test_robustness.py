@@ -175,3 +175,20 @@ def test_a_megabyte_request_id_is_refused(clients):
     with pytest.raises(InferError, match="1 to 256 bytes"):
         clients["grpc"].infer("ranker", rank_tensors(USER, ITEMS, b"x" * 1_000_000), ["scores"])
     still_serving(clients["grpc"])
+
+
+def test_zz_logs_hold_only_well_formed_records(server, clients):
+    """After every fuzzed and malformed request above: each log record decodes."""
+    from server.records import FeedbackRecord
+
+    clients["grpc"].rank(USER, ITEMS, request_id=b"last")
+    counts = {}
+    for kind, decode in (("feature_log", FeatureRecord.decode), ("feedback_log", FeedbackRecord.decode)):
+        counts[kind] = 0
+        for instance in (server.data_dir / kind).iterdir():
+            with SegmentLogReader(instance) as reader:
+                for _, payload in reader.read():
+                    record = decode(payload)  # raises on a malformed record
+                    assert 1 <= len(record.request_id) <= 256
+                    counts[kind] += 1
+    assert counts["feature_log"] > 0 and counts["feedback_log"] > 0
