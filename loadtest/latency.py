@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.histogram import LatencyHistogram
+from loadtest.stack import target_url
 from server.client import InferError, RankerClient, rank_tensors
 from server.features import FeatureSchema
-from server.launcher import TritonServer
 from updater.tools import SyntheticProducer
 
 _THREADS_OPEN_LOOP = 16
@@ -153,11 +152,8 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
     requests = _requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
-        if url is None:
-            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="monolith-latency-"))
-            print("[latency] starting tritonserver", file=sys.stderr, flush=True)
-            server = stack.enter_context(TritonServer(data_dir))
-            url = server.grpc_url if protocol == "grpc" else server.http_url
+        url, spawned_dir = target_url(stack, url, protocol, "latency")
+        data_dir = spawned_dir or data_dir
         producer = None
         if with_updates:
             if data_dir is None:

@@ -11,7 +11,6 @@ cost for this request contract, with no ranking work.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 
@@ -19,7 +18,8 @@ import numpy as np
 
 from server.client import RankerClient
 from server.features import load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from loadtest.stack import target_url
+from server.launcher import DEFAULT_MODEL_REPOSITORY
 
 _WARMUP = 50
 
@@ -33,11 +33,7 @@ def bench_serving(url: str | None, protocol: str, candidates: int, requests: int
     schema = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
-        if url is None:
-            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="monolith-bench-"))
-            print("[bench serving] starting tritonserver", file=sys.stderr, flush=True)
-            server = stack.enter_context(TritonServer(data_dir))
-            url = server.grpc_url if protocol == "grpc" else server.http_url
+        url, _ = target_url(stack, url, protocol, "bench-serving")
         client = stack.enter_context(RankerClient(url, protocol))
         users = rng.integers(1, 1000, requests + _WARMUP)
         item_ids = rng.integers(1, 2000, (requests + _WARMUP, candidates))

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,3 +54,15 @@ def wait_trainer_ready(data_dir: Path, process, timeout_s: float = 60.0) -> None
             return
         time.sleep(0.1)
     raise RuntimeError(f"trainer not up after {timeout_s} s")
+
+
+def target_url(stack, url: str | None, protocol: str, label: str) -> tuple[str, Path | None]:
+    """``url`` as given, or the address of a server spawned on a temporary
+    data dir (stopped when ``stack``, an ExitStack, closes). Returns the URL
+    and the spawned server's data dir (None for a given URL)."""
+    if url is not None:
+        return url, None
+    data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"monolith-{label}-")))
+    print(f"[{label}] starting tritonserver", file=sys.stderr, flush=True)
+    server = stack.enter_context(TritonServer(data_dir))
+    return (server.grpc_url if protocol == "grpc" else server.http_url), data_dir
