@@ -80,12 +80,17 @@ def write_snapshot(data_dir, table: EmbeddingTable, dense_state, delta_seq: int)
     return final
 
 
-def list_snapshots(data_dir) -> list[Path]:
-    """Complete snapshot directories, oldest first."""
-    root = snapshot_root(data_dir)
+def complete_dirs(root: Path) -> list[Path]:
+    """Directories under root named by a sequence number and holding their
+    meta.json (written last, so the directory is whole), oldest first."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / "meta.json").is_file())
+
+
+def list_snapshots(data_dir) -> list[Path]:
+    """Complete snapshot directories, oldest first."""
+    return complete_dirs(snapshot_root(data_dir))
 
 
 def load_latest_snapshot(data_dir) -> Snapshot | None:

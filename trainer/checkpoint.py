@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from server.snapshot import atomic_directory
+from server.snapshot import atomic_directory, complete_dirs
 from server.table import EmbeddingTable, SnapshotError
 from server.tensor_io import decode_tensors, encode_tensors
 from trainer.joiner import Joiner
@@ -55,10 +55,7 @@ def save_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None, delta_
 
 
 def list_checkpoints(data_dir) -> list[Path]:
-    root = checkpoint_root(data_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / "meta.json").is_file())
+    return complete_dirs(checkpoint_root(data_dir))
 
 
 def load_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None) -> dict | None:

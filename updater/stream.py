@@ -49,10 +49,6 @@ class FileDeltaWriter:
         self._log.append(record.encode())
         return record.seq
 
-    def append_bytes(self, data: bytes) -> int:
-        """Appends an already encoded record (checked first)."""
-        return self.append(DeltaRecord.decode(data))
-
     def delete_before(self, seq: int) -> list[Path]:
         """Retention: drops segments whose records all have seq < ``seq``."""
         return self._log.delete_segments_before(seq - 1)
