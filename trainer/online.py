@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from server.features import FeatureSchema
-from server.snapshot import write_snapshot
+from server.snapshot import prune_snapshots, write_snapshot
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.joiner import Joiner
@@ -82,6 +82,7 @@ def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner
     writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
     seq = writer.next_seq - 1
     write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
+    prune_snapshots(data_dir, keep=2)
     save_checkpoint(data_dir, model, joiner, seq, counters=counters)
     return seq
 
