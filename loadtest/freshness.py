@@ -51,7 +51,7 @@ def summarize(samples: list[float | None]) -> dict:
 
 
 def run_freshness(url: str | None, protocol: str, probes: int, timeout_s: float, sync_interval_ms: float,
-                  schema: FeatureSchema) -> dict:
+                  schema: FeatureSchema, api_key: str | None = None) -> dict:
     from loadtest.stack import spawn_stack, wait_trainer_ready
 
     with ExitStack() as stack:
@@ -61,7 +61,7 @@ def run_freshness(url: str | None, protocol: str, probes: int, timeout_s: float,
             server, trainer = stack.enter_context(spawn_stack(data_dir, sync_interval_ms=sync_interval_ms))
             wait_trainer_ready(server.data_dir, trainer)
             url = server.grpc_url if protocol == "grpc" else server.http_url
-        client = stack.enter_context(RankerClient(url, protocol))
+        client = stack.enter_context(RankerClient(url, protocol, api_key=api_key))
         samples = []
         for k in range(probes):
             samples.append(probe_once(client, schema, k, timeout_s))

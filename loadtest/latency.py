@@ -61,7 +61,7 @@ def _schedule(rate: float, duration_s: float, arrival: str, rng) -> np.ndarray:
 
 
 def _window(url: str, protocol: str, model: str, requests, duration_s: float, rate: float | None,
-            concurrency: int | None, arrival: str, max_requests: int, rng) -> tuple[LatencyHistogram, Counter, int, list]:
+            concurrency: int | None, arrival: str, max_requests: int, rng, api_key: str | None = None) -> tuple[LatencyHistogram, Counter, int, list]:
     histogram = LatencyHistogram()
     errors: Counter = Counter()
     timeline: list = []
@@ -82,7 +82,7 @@ def _window(url: str, protocol: str, model: str, requests, duration_s: float, ra
     ready = threading.Barrier(threads + 1, action=start_clock)
 
     def worker(k: int) -> None:
-        with RankerClient(url, protocol) as client:
+        with RankerClient(url, protocol, api_key=api_key) as client:
             client.infer(model, rank_tensors(*requests[k % len(requests)], b"lt-connect"), ["scores"])
             ready.wait()  # connections are up before the clock starts
             start, stop_at = clock["start"], clock["stop_at"]
@@ -125,12 +125,9 @@ def _window(url: str, protocol: str, model: str, requests, duration_s: float, ra
     return histogram, errors, elapsed, timeline
 
 
-def _server_stats(url: str, protocol: str, model: str) -> dict:
-    with RankerClient(url, protocol) as client:
-        if protocol == "grpc":
-            stats = client.raw.get_inference_statistics(model, as_json=True)["model_stats"][0]
-        else:
-            stats = client.raw.get_inference_statistics(model)["model_stats"][0]
+def _server_stats(url: str, protocol: str, model: str, api_key: str | None = None) -> dict:
+    with RankerClient(url, protocol, api_key=api_key) as client:
+        stats = client.statistics(model)
     infer = stats.get("inference_stats", {})  # protobuf JSON leaves out zeros
     return {"count": int(infer.get("success", {}).get("count", 0)),
             **{k: int(infer.get(k, {}).get("ns", 0)) for k in ("queue", "compute_input", "compute_infer",
@@ -146,7 +143,7 @@ def _breakdown(before: dict, after: dict) -> dict:
 def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: float | None, concurrency: int | None,
                 duration_s: float, warmup_s: float, candidates: int, with_updates: float | None, baseline: bool,
                 data_dir: str | None, arrival: str = "poisson", max_requests: int = 1_000_000, rounds: int = 3,
-                seed: int = 0) -> dict:
+                seed: int = 0, api_key: str | None = None) -> dict:
     if (rate is None) == (concurrency is None):
         raise ValueError("requires exactly one of --rate and --concurrency")
     requests = _requests(schema, 500, candidates, seed)
@@ -164,7 +161,7 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
             stack.callback(producer.close)
         variants = ["ranker"] + (["ranker+updates"] if producer else []) + (["baseline"] if baseline else [])
         print(f"[latency] warm-up {warmup_s:.0f} s", file=sys.stderr, flush=True)
-        _window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, arrival, max_requests, rng)
+        _window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, arrival, max_requests, rng, api_key)
         results = {v: {"hist": LatencyHistogram(), "errors": Counter(), "elapsed": 0.0, "timeline": [],
                        "server": []} for v in variants}
         window_s = duration_s / rounds
@@ -177,10 +174,10 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
                 if variant == "ranker+updates":
                     feeder = threading.Thread(target=producer.run, args=(window_s + 1.0, stop))
                     feeder.start()
-                before = _server_stats(url, protocol, model)
+                before = _server_stats(url, protocol, model, api_key)
                 hist, errors, elapsed, timeline = _window(url, protocol, model, requests, window_s, rate,
-                                                          concurrency, arrival, max_requests, rng)
-                after = _server_stats(url, protocol, model)
+                                                          concurrency, arrival, max_requests, rng, api_key)
+                after = _server_stats(url, protocol, model, api_key)
                 stop.set()
                 if feeder is not None:
                     feeder.join()
@@ -191,7 +188,7 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
                 offset = r * window_s
                 res["timeline"] += [(offset + t, lat) for t, lat in timeline]
                 res["server"].append(_breakdown(before, after))
-        with RankerClient(url, protocol) as client:
+        with RankerClient(url, protocol, api_key=api_key) as client:
             delta_seq_at_end = client.rank(*requests[0], request_id=b"lt-end")[1]
     out = {"protocol": protocol, "candidates": candidates, "mode": "rate" if rate else "concurrency",
            "rate": rate, "concurrency": concurrency, "duration_s": duration_s, "delta_seq_at_end": delta_seq_at_end}

@@ -1,4 +1,4 @@
-"""A whole local stack on loopback: tritonserver + the online trainer as a process."""
+"""A whole local stack on loopback: `monolith-rt serve` (fronts + supervised tritonserver) + the online trainer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.launcher import TritonServer
+from server.supervisor import ServeProcess
 
 
 @contextmanager
@@ -22,7 +22,7 @@ def spawn_stack(data_dir: str | Path, sync_interval_ms: float = 200.0, window_s:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     process = None
-    with TritonServer(data_dir) as server:
+    with ServeProcess(data_dir) as server:
         if trainer:
             log = open(data_dir / "logs" / "trainer.log", "ab")
             process = subprocess.Popen(
@@ -63,6 +63,6 @@ def target_url(stack, url: str | None, protocol: str, label: str) -> tuple[str, 
     if url is not None:
         return url, None
     data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"monolith-{label}-")))
-    print(f"[{label}] starting tritonserver", file=sys.stderr, flush=True)
-    server = stack.enter_context(TritonServer(data_dir))
+    print(f"[{label}] starting monolith-rt serve", file=sys.stderr, flush=True)
+    server = stack.enter_context(ServeProcess(data_dir))
     return (server.grpc_url if protocol == "grpc" else server.http_url), data_dir

@@ -19,6 +19,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_api_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key-file", default=None,
+                        help="file holding the server's API key, for a --url server started with one "
+                        "(default: $MONOLITH_API_KEY_FILE, else none)")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    from server.front.auth import api_key_file_from, load_api_key
+
+    key = load_api_key(api_key_file_from(args.api_key_file))
+    return None if key is None else key.decode()
+
+
 def _run_bench_table(args: argparse.Namespace) -> int:
     from server.bench import bench_table, format_table_report
 
@@ -33,7 +46,8 @@ def _run_bench_table(args: argparse.Namespace) -> int:
 def _run_bench_serving(args: argparse.Namespace) -> int:
     from loadtest.serving_bench import bench_serving, format_serving_report
 
-    result = bench_serving(args.url, args.protocol, args.candidates, args.requests, args.seed)
+    result = bench_serving(args.url, args.protocol, args.candidates, args.requests, args.seed,
+                           direct_url=args.direct_url, api_key=_api_key(args))
     if args.json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
     else:
@@ -125,7 +139,8 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 def _run_freshness(args: argparse.Namespace) -> int:
     from loadtest.freshness import run_freshness
 
-    result = run_freshness(args.url, args.protocol, args.probes, args.timeout_s, args.sync_interval_ms, _schema())
+    result = run_freshness(args.url, args.protocol, args.probes, args.timeout_s, args.sync_interval_ms, _schema(),
+                           api_key=_api_key(args))
     if args.json:
         print(orjson.dumps(result).decode())
     else:
@@ -165,7 +180,8 @@ def _run_latency(args: argparse.Namespace) -> int:
         return 2
     result = run_latency(_schema(), None if args.spawn else args.url, args.protocol, args.rate, args.concurrency,
                          args.duration_s, args.warmup_s, args.candidates, args.with_updates, args.baseline,
-                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed)
+                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed,
+                         api_key=_api_key(args))
     if args.report:
         write_report(result, args.report)
     result.pop("_timelines", None)
@@ -218,37 +234,35 @@ def _port(text: str) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    import logging
 
-    from server.launcher import TritonServer, TritonStartError
+    import uvloop
 
-    from server.launcher import DEFAULT_MODEL_REPOSITORY
+    from server.front import ApiKeyError, FrontLimits, api_key_file_from
+    from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonStartError
+    from server.supervisor import RestartPolicy, ServeConfig, Supervisor
 
-    server = TritonServer(
-        data_dir=args.data_dir, model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY, host=args.host,
-        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-        tritonserver=args.tritonserver, startup_timeout_s=args.startup_timeout_s,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"starting tritonserver (log: {server.log_path})", file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server.start()
-    except (TritonStartError, FileNotFoundError) as exc:
+        config = ServeConfig(
+            data_dir=args.data_dir, model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY,
+            host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+            tritonserver=args.tritonserver, startup_timeout_s=args.startup_timeout_s,
+            api_key_file=api_key_file_from(args.api_key_file),
+            limits=FrontLimits(max_body_bytes=args.max_body_bytes, max_elements_per_input=args.max_elements),
+            restarts=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
+            grpc_direct=args.grpc_direct,
+        )
+        supervisor = Supervisor(config, announce=lambda text: print(text, flush=True))
+    except (ValueError, ApiKeyError) as exc:
+        print(f"monolith-rt serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"starting tritonserver (log: {supervisor.triton.log_path})", file=sys.stderr, flush=True)
+    try:
+        return uvloop.run(supervisor.run())
+    except (TritonStartError, FileNotFoundError, OSError) as exc:
         print(f"monolith-rt serve: {exc}", file=sys.stderr)
         return 1
-    print(f"ready\n  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
-          f"  metrics  {server.metrics_url}\n  data     {server.data_dir}", flush=True)
-    while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            print(f"monolith-rt serve: tritonserver exited with code {server.process.returncode}; "
-                  f"last lines of its log:\n{server.log_tail()}", file=sys.stderr)
-            return 1
-    print("stopping tritonserver", file=sys.stderr, flush=True)
-    code = server.stop()
-    return 0 if code in (0, None) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,10 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="run tritonserver with the ranker and feedback models",
-        description="Starts the real Triton Inference Server on the model repository, waits until it is "
-        "ready, prints its endpoints and runs until SIGINT/SIGTERM, which it forwards for a clean shutdown. "
-        "Binds to 127.0.0.1 unless --host says otherwise; model load/unload requests are refused.",
+        help="run tritonserver behind validating HTTP/gRPC fronts, restarting it if it dies",
+        description="Starts the real Triton Inference Server on the model repository, on private loopback ports, "
+        "and the fronts that callers reach: KServe v2 HTTP and gRPC (every request's declared shapes are "
+        "checked against the data it carries, and its size against the limits, before Triton sees it) and "
+        "the Prometheus metrics endpoint (Triton's metrics plus the front's and supervisor's). If tritonserver "
+        "exits unexpectedly it is restarted with backoff from the newest snapshot plus the delta stream; more "
+        "than --max-restarts exits within --restart-window-s and serve exits 3. SIGINT/SIGTERM stop everything "
+        "(exit 0). Binds to 127.0.0.1 unless --host says otherwise; model load/unload, shared memory, trace and "
+        "log settings are not exposed.",
     )
     serve.add_argument("--data-dir", default="data", help="directory for snapshots, logs and deltas (default ./data)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -272,6 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=_port, default=8001, help="KServe v2 gRPC port (default 8001; 0 = free)")
     serve.add_argument("--metrics-port", type=_port, default=8002,
                        help="Prometheus metrics port (default 8002; 0 = free)")
+    serve.add_argument("--api-key-file", default=None,
+                       help="require 'Authorization: Bearer <key>' (HTTP header or gRPC metadata) on everything "
+                       "but health and metrics; the file holds the key and must not be readable by other users "
+                       "(default: $MONOLITH_API_KEY_FILE, else no key)")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=8 << 20,
+                       help="largest request body or gRPC message accepted (default 8 MiB)")
+    serve.add_argument("--max-elements", type=_positive_int, default=1 << 20,
+                       help="most elements one input tensor may declare (default 1048576; the ranker needs at most "
+                       "4096 x 8)")
+    serve.add_argument("--grpc-direct", action="store_true",
+                       help="expose tritonserver's own gRPC port instead of the gRPC front: about 0.5 ms faster per "
+                       "request, for trusted callers only (Triton then accepts messages up to 2 GiB, and API keys "
+                       "cannot be checked on gRPC)")
+    serve.add_argument("--max-restarts", type=int, default=5,
+                       help="restarts of a crashed tritonserver allowed within --restart-window-s (default 5)")
+    serve.add_argument("--restart-window-s", type=float, default=300.0,
+                       help="window for --max-restarts, seconds (default 300)")
     serve.add_argument("--model-repository", default=None,
                        help="model repository (default: the one shipped with this package)")
     serve.add_argument("--tritonserver", default=None,
@@ -397,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     latency.add_argument("--json", action="store_true", help="print one JSON object")
     latency.add_argument("--report", default=None, help="write latency.json and latency.png here")
+    _add_api_key_option(latency)
     latency.set_defaults(run=_run_latency)
 
     soak = loadtests.add_parser(
@@ -422,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     fresh.add_argument("--sync-interval-ms", type=float, default=200.0,
                        help="the spawned trainer's sync interval (default 200)")
     fresh.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_api_key_option(fresh)
     fresh.set_defaults(run=_run_freshness)
 
     bench = commands.add_parser("bench", help="micro-benchmarks, each against its baseline in the same run")
@@ -442,15 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
     serving = bench_kinds.add_parser(
         "serving",
         help="ranker latency vs a trivial Python-backend model on the same server",
-        description="Alternates ranker and baseline (trivial model) requests from one client thread and "
-        "reports both latency distributions and the p50 ratio. Spawns a server unless --url is given.",
+        description="Round-robin from one client thread: ranker and baseline (trivial model) through the "
+        "front, and the ranker on tritonserver's private port (direct); reports each latency distribution, the "
+        "ranker/baseline p50 ratio and what the front adds. Spawns `monolith-rt serve` unless --url is given.",
     )
     serving.add_argument("--url", default=None, help="host:port of a running server (default: spawn one)")
+    serving.add_argument("--direct-url", default=None,
+                         help="with --url: tritonserver's private port behind the front, to time the front's cost")
     serving.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
     serving.add_argument("--candidates", type=_positive_int, default=100, help="candidates per request (default 100)")
     serving.add_argument("--requests", type=_positive_int, default=2000, help="requests per model (default 2000)")
     serving.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     serving.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    _add_api_key_option(serving)
     serving.set_defaults(run=_run_bench_serving)
 
     batching = bench_kinds.add_parser(

@@ -42,11 +42,14 @@ class InferError(RuntimeError):
 
 
 class RankerClient:
-    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 30.0):
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 30.0, api_key: bytes | str | None = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol requires 'grpc' or 'http', got {protocol!r}")
         self.protocol = protocol
         self.timeout_s = timeout_s
+        if isinstance(api_key, bytes):
+            api_key = api_key.decode()
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         if protocol == "grpc":
             import tritonclient.grpc as module
 
@@ -63,8 +66,15 @@ class RankerClient:
 
     @property
     def raw(self):
-        """The underlying tritonclient InferenceServerClient."""
+        """The underlying tritonclient InferenceServerClient (pass ``headers=client.headers``
+        to its calls where an API key is required)."""
         return self._client
+
+    def statistics(self, model: str) -> dict:
+        """Triton's inference statistics of ``model`` (JSON form, both protocols)."""
+        if self.protocol == "grpc":
+            return self._client.get_inference_statistics(model, headers=self.headers, as_json=True)["model_stats"][0]
+        return self._client.get_inference_statistics(model, headers=self.headers)["model_stats"][0]
 
     def infer(self, model: str, tensors: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         inputs = []
@@ -76,9 +86,10 @@ class RankerClient:
         requested = [self._module.InferRequestedOutput(name) for name in outputs]
         try:
             if self.protocol == "grpc":
-                result = self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+                result = self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s,
+                                            headers=self.headers)
             else:
-                result = self._client.infer(model, inputs, outputs=requested)
+                result = self._client.infer(model, inputs, outputs=requested, headers=self.headers)
         except self._error as exc:
             raise InferError(exc.message() if callable(getattr(exc, "message", None)) else str(exc)) from exc
         return {name: result.as_numpy(name) for name in outputs}

@@ -110,8 +110,27 @@ def server_environment(data_dir: Path) -> dict[str, str]:
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
     env["MONOLITH_DATA_DIR"] = str(data_dir)
+    env.pop("MONOLITH_API_KEY_FILE", None)  # the front checks keys; Triton and the models never see them
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def processes():
+    """(pid, state, ppid, pgrp) of every process, from /proc/<pid>/stat."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        yield int(entry.name), state, int(ppid), int(pgrp)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    return [pid for pid, state, _, pgrp in processes() if pgrp == pgid and state != "Z"]
 
 
 @dataclass
@@ -129,13 +148,15 @@ class TritonServer:
     tritonserver: str | None = None
     startup_timeout_s: float = 120.0
     extra_args: list[str] = field(default_factory=list)
+    grpc_host: str | None = None  # default: host
     process: subprocess.Popen | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).resolve()
         self.model_repository = Path(self.model_repository).resolve()
+        self.grpc_host = self.grpc_host or self.host
         self.http_port = self.http_port or free_port(self.host)
-        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.grpc_port = self.grpc_port or free_port(self.grpc_host)
         self.metrics_port = self.metrics_port or free_port(self.host)
         self.log_path = self.data_dir / "logs" / "tritonserver.log"
         self.shm_prefix = f"monolith_{os.getpid()}_{self.http_port}_"
@@ -146,7 +167,7 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{self.grpc_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -162,7 +183,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--grpc-address={self.grpc_host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
             "--pinned-memory-pool-byte-size=0",
@@ -209,7 +230,8 @@ class TritonServer:
             return "(no log)"
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains and unloads models), then SIGKILL after timeout_s."""
+        """SIGTERM (Triton drains and unloads models), then SIGKILL after timeout_s;
+        then any process left in its group (a model stub) is killed too."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -217,15 +239,23 @@ class TritonServer:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.kill()
-        self._remove_shared_memory()
+                pass
+        self.kill()
         return self.process.returncode
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group (server and model stubs), as a crash would."""
-        if self.process is not None and self.process.poll() is None:
+    def kill(self, timeout_s: float = 10.0) -> None:
+        """SIGKILL the whole process group (server and model stubs, also stubs
+        that outlived a dead server), as a crash would, and wait until none is left."""
+        if self.process is None:
+            return
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        deadline = time.monotonic() + timeout_s
+        while group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._remove_shared_memory()
 
     def _remove_shared_memory(self) -> None:

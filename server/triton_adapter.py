@@ -139,3 +139,32 @@ class MetricsThread:
         self._thread.join(self._interval_s + 1.0)
         for metric in self._metrics:
             metric.close()
+
+
+class ParentWatch:
+    """Ends this stub process when its tritonserver is gone.
+
+    A stub whose server died can hang in Triton's shutdown path (finalize
+    waits on the dead server) and ignore SIGTERM, keeping its memory, its
+    threads and its log directory's writer lock. This daemon thread checks
+    every ``interval_s`` whether the parent changed (re-parented: the server
+    exited); if so it runs ``cleanup`` (e.g. flush logs) for at most
+    ``cleanup_timeout_s`` and exits the process with os._exit."""
+
+    def __init__(self, cleanup, interval_s: float = 0.5, cleanup_timeout_s: float = 2.0):
+        self._parent = os.getppid()
+        self._cleanup, self._interval_s, self._cleanup_timeout_s = cleanup, interval_s, cleanup_timeout_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="parent-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            if os.getppid() != self._parent:
+                logging.getLogger(__name__).error("tritonserver (pid %d) is gone: this stub exits", self._parent)
+                cleanup = threading.Thread(target=self._cleanup, daemon=True)
+                cleanup.start()
+                cleanup.join(self._cleanup_timeout_s)
+                os._exit(0)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,8 +1,15 @@
-"""Bad input, fuzzed over HTTP (JSON and binary) and gRPC; security defaults. One real server."""
+"""Bad input, fuzzed over HTTP (JSON and binary) and gRPC, through the fronts callers reach
+(`monolith-rt serve`); security defaults. One real server."""
 
+import gzip
 import json
+import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import numpy as np
 import pytest
@@ -11,9 +18,10 @@ from hypothesis import strategies as st
 
 from server.client import InferError, RankerClient, rank_tensors
 from server.features import fid, load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.launcher import DEFAULT_MODEL_REPOSITORY, group_members
 from server.records import FeatureRecord
 from server.segment_log import SegmentLogReader
+from server.supervisor import ServeProcess
 
 SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])
@@ -22,9 +30,31 @@ CASES = {"count": 0}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with TritonServer(tmp_path_factory.mktemp("robust")) as srv:
+    with ServeProcess(tmp_path_factory.mktemp("robust")) as srv:
         yield srv
-    print(f"\nfuzz cases sent: {CASES['count']}")
+    print(f"\nbad requests sent: {CASES['count']}")
+
+
+def server_rss_mb(server) -> float:
+    """Resident memory of tritonserver and its model stubs."""
+    total_kb = 0
+    for pid in group_members(server.triton_pid):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+@pytest.fixture
+def unharmed(server, clients):
+    """Checks after the test: the same tritonserver runs, a good request succeeds
+    on both protocols, and the server's memory did not jump."""
+    before = server_rss_mb(server)
+    yield
+    for client in clients.values():
+        still_serving(client)
+    assert server.process.poll() is None and group_members(server.triton_pid), "tritonserver died"
+    assert server_rss_mb(server) - before < 64, f"RSS grew from {before:.0f} MB to {server_rss_mb(server):.0f} MB"
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +102,10 @@ def requests(draw):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(request=requests())
-def test_fuzzed_tensors_get_an_answer_or_an_error(clients, protocol, request):
+def test_fuzzed_tensors_get_an_answer_or_an_error(clients, unharmed, protocol, request):
     model, tensors = request
     client = clients[protocol]
     CASES["count"] += 1
@@ -87,39 +117,157 @@ def test_fuzzed_tensors_get_an_answer_or_an_error(clients, protocol, request):
     still_serving(client)
 
 
-RAW_HTTP = [
-    b"{not json",
-    json.dumps({"inputs": [{"name": "user_fids", "datatype": "UINT64", "shape": [1, 100000000],
-                            "data": [1, 2]}]}).encode(),
-    json.dumps({"inputs": [{"name": "item_fids", "datatype": "UINT64", "shape": [1, 2**40, 2**40],
-                            "data": []}]}).encode(),
-    json.dumps({"inputs": [{"name": "user_fids", "datatype": "NOPE", "shape": [1, 7], "data": [0] * 7}]}).encode(),
-    json.dumps({"inputs": [{"name": "user_fids", "datatype": "UINT64", "shape": [-3], "data": []}]}).encode(),
-    json.dumps({"inputs": "x"}).encode(),
-    json.dumps({"inputs": [{"name": "request_id", "datatype": "BYTES", "shape": [1, 1],
-                            "data": ["\u0000" * 5]}]}).encode(),
-]
+def _input(name, datatype, shape, **rest):
+    return {"name": name, "datatype": datatype, "shape": shape, **rest}
 
 
-@pytest.mark.parametrize("body", RAW_HTTP, ids=range(len(RAW_HTTP)))
-def test_malformed_http_bodies_are_refused(server, clients, body):
+GOOD_JSON_INPUTS = [_input("user_fids", "UINT64", [1, 7], data=USER.tolist()),
+                    _input("item_fids", "UINT64", [1, 2, 8], data=ITEMS.ravel().tolist()),
+                    _input("request_id", "BYTES", [1, 1], data=["r"])]
+
+
+def with_good(*bad):
+    """A body whose other inputs are fine, so only the bad one can be at fault."""
+    names = {b["name"] for b in bad}
+    return json.dumps({"inputs": [*bad, *(g for g in GOOD_JSON_INPUTS if g["name"] not in names)]}).encode()
+
+
+HOSTILE_SHAPES = [[10**10], [2**40, 5000], [2**63], [2**63 - 1], [1, -7], [-1], [2**32, 2**32, 2**32], [1, 0]]
+RAW_HTTP = {
+    "the-issue's-request": (b'{"inputs":[{"name":"x","datatype":"INT64","shape":[10000000000],"data":[0,1,2]}]}', 400),
+    **{f"shape-{shape}": (with_good(_input("user_fids", "UINT64", shape, data=[1, 2, 3])), 400)
+       for shape in HOSTILE_SHAPES},
+    "bytes-shape-1e10": (with_good(_input("request_id", "BYTES", [1, 10**10], data=["a"])), 400),
+    "not-json": (b"{not json", 400),
+    "nested-100k": (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
+    "unknown-datatype": (with_good(_input("user_fids", "NOPE", [1, 7], data=[0] * 7)), 400),
+    "inputs-not-a-list": (b'{"inputs": "x"}', 400),
+    "nul-request-id-is-data": (with_good(_input("request_id", "BYTES", [1, 1], data=["\u0000" * 5])), 200),
+    "shared-memory": (with_good(_input("user_fids", "UINT64", [1, 7], parameters={
+        "shared_memory_region": "evil", "shared_memory_byte_size": 56})), 400),
+}
+
+
+def post(server, body: bytes, headers=None, path="/v2/models/ranker/infer"):
+    """(status, parsed error) of a raw POST to the HTTP front."""
+    request = urllib.request.Request(f"http://{server.http_url}{path}", data=body, method="POST",
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]
+
+
+@pytest.mark.parametrize("case", list(RAW_HTTP), ids=list(RAW_HTTP))
+def test_hostile_http_bodies_are_refused_by_name(server, unharmed, case):
+    body, expected = RAW_HTTP[case]
     CASES["count"] += 1
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ranker/infer", data=body, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=10)
-    assert caught.value.code >= 400  # Triton answers unparseable JSON with 500, the rest with 400
-    assert json.loads(caught.value.read())["error"]
-    still_serving(clients["http"])
+    status, error = post(server, body)
+    assert status == expected and (error or status == 200), (status, error)
 
 
-def test_binary_body_with_lying_header_is_refused(server, clients):
+@pytest.mark.parametrize("declared", [56 - 8, 56 + 8, 10**9])
+def test_binary_sizes_that_lie_either_way_are_refused(server, unharmed, declared):
+    CASES["count"] += 1
     header = json.dumps({"inputs": [{"name": "user_fids", "datatype": "UINT64", "shape": [1, 7],
-                                     "parameters": {"binary_data_size": 10**9}}]}).encode()
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ranker/infer", data=header + b"\0" * 56,
-                                     method="POST", headers={"Inference-Header-Content-Length": str(len(header))})
-    with pytest.raises(urllib.error.HTTPError):
-        urllib.request.urlopen(request, timeout=10)
-    still_serving(clients["http"])
+                                     "parameters": {"binary_data_size": declared}}]}).encode()
+    status, error = post(server, header + b"\0" * 56, {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "user_fids" in error
+
+
+@pytest.mark.parametrize("header_length", ["0", "-5", "999999999", "abc"])
+def test_header_lengths_that_lie_are_refused(server, unharmed, header_length):
+    CASES["count"] += 1
+    status, error = post(server, with_good(), {"Inference-Header-Content-Length": header_length})
+    assert status == 400 and "Inference-Header-Content-Length" in error
+
+
+def test_a_50_mb_json_body_is_refused_before_it_is_read(server, unharmed):
+    CASES["count"] += 1
+    body = b'{"inputs": [{"name": "user_fids", "datatype": "UINT64", "shape": [1, 7], "data": [' + \
+        b"0, " * ((50 << 20) // 3) + b"0]}]}"
+    host, port = server.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v2/models/ranker/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        answer = conn.recv(4096)  # the front answers from the headers alone
+        assert answer.startswith(b"HTTP/1.1 413") and b"at most" in answer
+        try:
+            conn.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # and closed the connection
+
+
+def test_a_gzip_bomb_is_refused(server, unharmed):
+    CASES["count"] += 1
+    bomb = gzip.compress(b"[" + b" " * (64 << 20) + b"]")
+    status, error = post(server, bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and "decompressed" in error
+    status, error = post(server, gzip.compress(with_good()), {"Content-Encoding": "gzip"})
+    assert status == 200, error
+
+
+def test_a_chunked_body_past_the_limit_is_refused(server, unharmed):
+    CASES["count"] += 1
+    host, port = server.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v2/models/ranker/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * (1 << 20)
+        try:
+            for _ in range(16):
+                conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the front closed the connection after its 413
+        assert conn.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.parametrize("path", ["/v2/systemsharedmemory/region/x/register", "/v2/logging", "/v2/trace/setting",
+                                  "/v2/repository/models/ranker/unload", "/v2/models/ranker/generate"])
+def test_apis_outside_the_allow_list_are_not_forwarded(server, unharmed, path):
+    CASES["count"] += 1
+    status, error = post(server, b"{}", path=path)
+    assert status in (404, 405) and "not served here" in error
+
+
+def raw_grpc_infer(server, inputs, raws):
+    """ModelInfer with hand-built inputs; the other ranker inputs are added, valid."""
+    request = service_pb2.ModelInferRequest(model_name="ranker")
+    good = {"user_fids": ("UINT64", [1, 7], USER.tobytes()), "item_fids": ("UINT64", [1, 2, 8], ITEMS.tobytes()),
+            "request_id": ("BYTES", [1, 1], b"\x01\0\0\0r")}
+    for name, datatype, shape in inputs:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.extend(raws)
+    for name, (datatype, shape, raw) in good.items():
+        if name not in {i[0] for i in inputs}:
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            request.raw_input_contents.append(raw)
+    with grpc.insecure_channel(server.grpc_url, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
+        return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+
+
+GRPC_SHAPES = [s for s in HOSTILE_SHAPES if s not in ([2**63], [1, 0])] + [[-2**63]]  # int64 dims on the wire
+
+
+@pytest.mark.parametrize("shape", GRPC_SHAPES, ids=str)
+def test_hostile_grpc_shapes_are_refused(server, unharmed, shape):
+    CASES["count"] += 1
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_grpc_infer(server, [("user_fids", "UINT64", shape)], [b"\0" * 8])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "user_fids" in caught.value.details()
+
+
+def test_a_50_mb_grpc_message_is_refused(server, unharmed):
+    CASES["count"] += 1
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_grpc_infer(server, [("user_fids", "UINT64", [1, (50 << 20) // 8])], [b"\0" * (50 << 20)])
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_grpc_bytes_whose_prefix_lies_are_refused(server, unharmed):
+    CASES["count"] += 1
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_grpc_infer(server, [("request_id", "BYTES", [1, 1])], [b"\xff\xff\xff\x7fabc"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in caught.value.details()
 
 
 def _listening(port: int) -> set[str]:
@@ -139,7 +287,9 @@ def _listening(port: int) -> set[str]:
 
 
 def test_defaults_bind_to_loopback_only(server):
-    for port in (server.http_port, server.grpc_port, server.metrics_port):
+    ports = [int(url.rsplit(":", 1)[1].split("/")[0]) for url in server.urls.values()]
+    assert len(ports) == 5  # the three fronts and tritonserver's private HTTP and gRPC ports
+    for port in ports:
         addresses = _listening(port)  # 127.0.0.1, or ::ffff:127.0.0.1 (gRPC's IPv4-mapped form)
         assert addresses and addresses <= {"0100007F", "0000000000000000FFFF00000100007F"}, \
             f"port {port} listens on {addresses}, expected 127.0.0.1 only"

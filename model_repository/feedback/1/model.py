@@ -21,6 +21,7 @@ class TritonPythonModel:
         self.m_rejected = triton.Counter("monolith_feedback_rejected_total", "Feedback requests refused", **labels)
         self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S,
                                              metrics=(self.m_written, self.m_rejected))
+        self._parent_watch = triton.ParentWatch(self.runtime.close)
 
     def execute(self, requests):
         responses = []
@@ -48,5 +49,6 @@ class TritonPythonModel:
         self.m_rejected.update(self.runtime.rejected)
 
     def finalize(self):
+        self._parent_watch.stop()
         self._metrics.stop()
         self.runtime.close()

@@ -47,6 +47,7 @@ class TritonPythonModel:
         self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S, metrics=(
             self.m_rows, self.m_seq, self.m_log_written, self.m_log_queued, self.m_log_shed, self.m_rejected,
             self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted))
+        self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
 
     def execute(self, requests):
         now = now_s()
@@ -92,5 +93,6 @@ class TritonPythonModel:
         self.m_halted.set(0 if updater.halted_reason is None else 1)
 
     def finalize(self):
+        self._parent_watch.stop()
         self._metrics.stop()
         self.runtime.close()
