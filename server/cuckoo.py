@@ -32,6 +32,14 @@ Growth builds new arrays which the owner swaps in with one reference
 assignment; readers still on the old arrays see a consistent older state,
 because the writer never touches old arrays again.
 
+A writer that dies mid-write (possible only across processes, see
+server.shared_table) can leave a stripe odd forever, a row half-written in
+place, or a key in two slots (killed mid-move; both copies whole, since a
+move writes the row before the key). So readers give up after MAX_SPINS
+re-reads and return STUCK instead of spinning forever, and the next writer
+repairs: it rehashes into new arrays (``rehash_into`` keeps one copy of a
+key) and re-applies the record that was in flight (absolute values).
+
 Kernels return status codes and never raise; ``server.table`` validates
 shapes and dtypes before calling them and is the only place that raises.
 """
@@ -52,9 +60,11 @@ from server._atomics import (
 EMPTY_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)
 SLOTS = 8
 
-# Status codes of _upsert_batch.
+# Status codes.
 OK = 0
-FULL = 1  # no cuckoo path, or the load-factor bound is reached: grow and resume
+FULL = 1  # upsert_batch, rehash_into: no cuckoo path, or the load-factor bound is reached: grow and resume
+STUCK = -1  # lookup_batch, contains_batch: a stripe stayed odd for MAX_SPINS reads (nothing written)
+MAX_SPINS = 1 << 22  # ~10-20 ms of re-reads; a live writer holds a stripe for microseconds
 
 _SLOTS_U = np.uint64(SLOTS)
 _SEED0 = np.uint64(0x9E3779B97F4A7C15)
@@ -161,11 +171,12 @@ def _init_row(key, out, i, scale):
 
 @numba.njit(inline="always")
 def _read_row(keys, rows, versions, key, b0, b1, hint, stripe_mask, out, i):
-    """Seqlock read of key's row into out[i]; returns whether it was found.
+    """Seqlock read of key's row into out[i]: 1 found, 0 missing, STUCK after
+    MAX_SPINS attempts (a writer died holding the stripe, see the module doc).
     hint is where key probably is (checked first), or -1."""
     s0 = b0 & stripe_mask
     s1 = b1 & stripe_mask
-    while True:
+    for _ in range(MAX_SPINS):
         v0 = load_acquire(versions, s0)
         v1 = load_acquire(versions, s1)
         if (v0 | v1) & _ONE:
@@ -179,7 +190,8 @@ def _read_row(keys, rows, versions, key, b0, b1, hint, stripe_mask, out, i):
                 out[i, j] = rows[pos, j]
         fence_acquire()
         if load_relaxed(versions, s0) == v0 and load_relaxed(versions, s1) == v1:
-            return pos >= 0
+            return 1 if pos >= 0 else 0
+    return STUCK
 
 
 @numba.njit(inline="always")
@@ -206,7 +218,8 @@ def _likely_pos(keys, key, mask):
 def lookup_batch(keys, rows, versions, fids, out, found, init_scale):
     """out[i] = row of fids[i]; a missing FID gives zeros, or a deterministic
     init row when init_scale > 0. found[i] says which were present.
-    Safe against one concurrent writer. Returns the number found.
+    Safe against one concurrent writer. Returns the number found, or STUCK
+    (out and found then undefined: refresh the arrays and call again).
 
     Software-pipelined, since the loads are random and independent, so that
     many cache misses are in flight at once. With P = _LOOKUP_STAGE, FID i
@@ -253,8 +266,11 @@ def lookup_batch(keys, rows, versions, fids, out, found, init_scale):
         hit = False
         if key != EMPTY_KEY:
             slot = i & _RING_MASK
-            hit = _read_row(keys, rows, versions, key, ring0[slot], ring1[slot], ring_hint[slot],
-                            stripe_mask, out, i)
+            status = _read_row(keys, rows, versions, key, ring0[slot], ring1[slot], ring_hint[slot],
+                               stripe_mask, out, i)
+            if status == STUCK:
+                return STUCK
+            hit = status == 1
         found[i] = hit
         if hit:
             hits += 1
@@ -268,7 +284,8 @@ def lookup_batch(keys, rows, versions, fids, out, found, init_scale):
 
 @numba.njit(cache=True, nogil=True)
 def contains_batch(keys, versions, fids, found):
-    """found[i] = fids[i] is present. Safe against one concurrent writer."""
+    """found[i] = fids[i] is present. Safe against one concurrent writer.
+    Returns OK, or STUCK as lookup_batch does."""
     mask = np.uint64(keys.shape[0] // SLOTS - 1)
     stripe_mask = np.int64(versions.shape[0] - 1)
     for i in range(fids.shape[0]):
@@ -279,7 +296,7 @@ def contains_batch(keys, versions, fids, found):
         b0, b1 = _buckets(key, mask)
         s0 = b0 & stripe_mask
         s1 = b1 & stripe_mask
-        while True:
+        for _ in range(MAX_SPINS):
             v0 = load_acquire(versions, s0)
             v1 = load_acquire(versions, s1)
             if (v0 | v1) & _ONE:
@@ -288,7 +305,10 @@ def contains_batch(keys, versions, fids, found):
             fence_acquire()
             if load_relaxed(versions, s0) == v0 and load_relaxed(versions, s1) == v1:
                 break
+        else:
+            return STUCK
         found[i] = hit
+    return OK
 
 
 @numba.njit(inline="always")
@@ -343,11 +363,13 @@ def _cuckoo_path(keys, b0, b1, mask, q_bucket, q_parent, q_slot, q_depth):
 
 @numba.njit(inline="always")
 def _move(keys, rows, stamps, versions, src, src_bucket, dst, dst_bucket):
+    # Row, then key, then clear the source: a writer killed at any point
+    # leaves every key with a whole row (at worst twice; see rehash_into).
     _begin_write2(versions, src_bucket, dst_bucket)
-    keys[dst] = keys[src]
     for j in range(rows.shape[1]):
         rows[dst, j] = rows[src, j]
     stamps[dst] = stamps[src]
+    keys[dst] = keys[src]
     keys[src] = EMPTY_KEY
     _end_write2(versions, src_bucket, dst_bucket)
 
@@ -528,9 +550,11 @@ def sketch_estimate(sketch, fids, counts):
 
 @numba.njit(cache=True, nogil=True)
 def rehash_into(keys, rows, stamps, new_keys, new_rows, new_stamps, new_versions,
-                q_bucket, q_parent, q_slot, q_depth):
+                q_bucket, q_parent, q_slot, q_depth, dedupe):
     """Inserts every live entry of the old arrays into empty new ones (not yet
-    visible to readers). Returns OK, or FULL if the new arrays are too small."""
+    visible to readers); with ``dedupe``, a key found twice is inserted once
+    (repair after a dead writer; it costs a probe per key, so growth skips
+    it). Returns OK, or FULL if the new arrays are too small."""
     mask = np.uint64(new_keys.shape[0] // SLOTS - 1)
     for src in range(keys.shape[0]):
         ahead = src + 2 * _PREFETCH_AHEAD
@@ -546,6 +570,8 @@ def rehash_into(keys, rows, stamps, new_keys, new_rows, new_stamps, new_versions
         if key == EMPTY_KEY:
             continue
         b0, b1 = _buckets(key, mask)
+        if dedupe and _find(new_keys, b0, b1, key) >= 0:
+            continue  # a second copy, left by a writer killed mid-move: both are whole
         pos = _free_slot(new_keys, b0)
         if pos < 0:
             pos = _free_slot(new_keys, b1)

@@ -70,16 +70,21 @@ class SnapshotError(ValueError):
 class _Arrays:
     """One generation of the table's storage; replaced whole on growth."""
 
-    __slots__ = ("keys", "rows", "stamps", "versions", "max_count")
+    __slots__ = ("keys", "rows", "stamps", "versions", "max_count", "generation")
 
-    def __init__(self, n_buckets: int, dim: int, max_load_factor: float, stripes: int):
+    def __init__(self, keys, rows, stamps, versions, max_load_factor: float, generation: int = 0):
+        self.keys, self.rows, self.stamps, self.versions = keys, rows, stamps, versions
+        self.max_count = int(keys.shape[0] * max_load_factor)
+        self.generation = generation
+
+    @classmethod
+    def anonymous(cls, n_buckets: int, dim: int, max_load_factor: float, stripes: int) -> "_Arrays":
         capacity = n_buckets * SLOTS
-        self.keys = _zeros_on_huge_pages((capacity,), np.uint64)
-        self.keys.fill(EMPTY_KEY)
-        self.rows = _zeros_on_huge_pages((capacity, dim), np.float32)
-        self.stamps = _zeros_on_huge_pages((capacity,), np.float64)
-        self.versions = np.zeros(min(stripes, n_buckets), dtype=np.uint64)
-        self.max_count = int(capacity * max_load_factor)
+        keys = _zeros_on_huge_pages((capacity,), np.uint64)
+        keys.fill(EMPTY_KEY)
+        return cls(keys, _zeros_on_huge_pages((capacity, dim), np.float32),
+                   _zeros_on_huge_pages((capacity,), np.float64),
+                   np.zeros(min(stripes, n_buckets), dtype=np.uint64), max_load_factor)
 
 
 def _zeros_on_huge_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -128,6 +133,14 @@ class EmbeddingTable:
         sketch_depth: int = 4,
         stripes: int = 1 << 14,
     ):
+        self._configure(dim, max_load_factor, sketch_width, sketch_depth, stripes)
+        n_buckets = max(2, _pow2_at_least(-(-int(capacity) // SLOTS)))
+        self._state = self._allocate(n_buckets)
+        self._count = 0
+        self._newest_stamp = -np.inf
+
+    def _configure(self, dim, max_load_factor, sketch_width, sketch_depth, stripes) -> None:
+        """Validates the settings and sets up everything but the storage."""
         if int(dim) < 1:
             raise ValueError(f"dim requires >= 1, got {dim}")
         if not 0.1 <= max_load_factor <= 1.0:
@@ -140,15 +153,18 @@ class EmbeddingTable:
         self.dim = int(dim)
         self.max_load_factor = float(max_load_factor)
         self._stripes = int(stripes)
-        n_buckets = max(2, _pow2_at_least(-(-int(capacity) // SLOTS)))
-        self._state = _Arrays(n_buckets, self.dim, self.max_load_factor, self._stripes)
-        self._count = 0
-        self._newest_stamp = -np.inf
         self._sketch = np.zeros((sketch_depth, sketch_width), dtype=np.uint16)
         self._write_lock = threading.Lock()
         self._queue = tuple(np.empty(cuckoo.BFS_QUEUE_LEN, dtype=np.int64) for _ in range(4))
         self.growths = 0
         self.first_growth_load_factor: float | None = None
+
+    def _allocate(self, n_buckets: int) -> _Arrays:
+        """Empty storage for n_buckets buckets (not visible to readers yet)."""
+        return _Arrays.anonymous(n_buckets, self.dim, self.max_load_factor, self._stripes)
+
+    def _release(self, arrays: _Arrays) -> None:
+        """Storage from _allocate that will never be published."""
 
     # ----------------------------------------------------------------- readers
 
@@ -187,17 +203,26 @@ class EmbeddingTable:
                 f"got {out.dtype} {out.shape}"
             )
         found = np.empty(n, dtype=np.bool_)
-        state = self._state
-        cuckoo.lookup_batch(state.keys, state.rows, state.versions, fids, out, found, float(init_scale))
-        return out, found
+        while True:
+            state = self._state
+            if cuckoo.lookup_batch(state.keys, state.rows, state.versions, fids, out, found,
+                                   float(init_scale)) != cuckoo.STUCK:
+                return out, found
+            self._on_stuck()
 
     def contains(self, fids) -> np.ndarray:
         """bool (n,): which of ``fids`` are in the table."""
         fids = _as_fids(fids)
         found = np.empty(fids.shape[0], dtype=np.bool_)
-        state = self._state
-        cuckoo.contains_batch(state.keys, state.versions, fids, found)
-        return found
+        while True:
+            state = self._state
+            if cuckoo.contains_batch(state.keys, state.versions, fids, found) != cuckoo.STUCK:
+                return found
+            self._on_stuck()
+
+    def _on_stuck(self) -> None:
+        """A read gave up on a stripe a writer held for MAX_SPINS re-reads: in
+        one process the writer is alive (just descheduled), so read again."""
 
     def frequency(self, fids) -> np.ndarray:
         """Sightings of each FID as the admission sketch estimates them (never fewer)."""
@@ -336,39 +361,19 @@ class EmbeddingTable:
     def load(cls, path: str | os.PathLike, **table_args) -> "EmbeddingTable":
         """Reads a snapshot written by ``save``. Raises SnapshotError, naming the
         file and what is wrong, if it is truncated, corrupt or of another format."""
-        path = Path(path)
-        with open(path, "rb") as f:
-            raw_header = f.read(_HEADER_BYTES)
-            if len(raw_header) < _HEADER_BYTES:
-                raise SnapshotError(f"{path}: truncated header: {len(raw_header)} of {_HEADER_BYTES} bytes")
-            magic, version, dim, count, newest, *crcs = _HEADER.unpack_from(raw_header)
-            if magic != _MAGIC:
-                raise SnapshotError(f"{path}: not a table snapshot (magic {magic!r}, expected {_MAGIC!r})")
-            (header_crc,) = _HEADER_CRC.unpack_from(raw_header, _HEADER.size)
-            if zlib.crc32(raw_header[: _HEADER.size]) != header_crc:
-                raise SnapshotError(f"{path}: header checksum mismatch")
-            if version != _FORMAT_VERSION:
-                raise SnapshotError(f"{path}: format version {version}, this build reads {_FORMAT_VERSION}")
-            expected = _HEADER_BYTES + count * (8 + 4 * dim + 8)
-            actual = os.fstat(f.fileno()).st_size
-            if actual != expected:
-                raise SnapshotError(f"{path}: truncated or padded: {actual} bytes, header says {expected}")
-            keys = np.fromfile(f, dtype=np.uint64, count=count)
-            rows = np.fromfile(f, dtype=np.float32, count=count * dim).reshape(count, dim)
-            stamps = np.fromfile(f, dtype=np.float64, count=count)
-        for name, part, crc in zip(("keys", "rows", "stamps"), (keys, rows, stamps), crcs):
-            if zlib.crc32(part) != crc:
-                raise SnapshotError(f"{path}: {name} section checksum mismatch")
-        if np.any(keys == EMPTY_KEY):
-            raise SnapshotError(f"{path}: holds the reserved empty key")
-        table_args.setdefault("capacity", int(count / 0.9) + SLOTS)
+        dim, keys, rows, stamps, newest = read_snapshot(path)
+        table_args.setdefault("capacity", int(keys.shape[0] / 0.9) + SLOTS)
         table = cls(dim, **table_args)
-        with table._write_lock:
-            table._write(keys, rows, stamps, np.ones(count, dtype=np.bool_))
-            table._newest_stamp = float(newest)
-        if len(table) != count:
-            raise SnapshotError(f"{path}: holds duplicate keys ({count} entries, {len(table)} distinct)")
+        table.fill_from_snapshot(path, keys, rows, stamps, newest)
         return table
+
+    def fill_from_snapshot(self, path, keys, rows, stamps, newest) -> None:
+        """Writes what ``read_snapshot(path)`` returned into this (empty) table."""
+        with self._write_lock:
+            self._write(keys, rows, stamps, np.ones(keys.shape[0], dtype=np.bool_))
+            self._newest_stamp = float(newest)
+        if len(self) != keys.shape[0]:
+            raise SnapshotError(f"{path}: holds duplicate keys ({keys.shape[0]} entries, {len(self)} distinct)")
 
     # ---------------------------------------------------------------- private
 
@@ -410,16 +415,52 @@ class EmbeddingTable:
         old = self._state
         if self.first_growth_load_factor is None:
             self.first_growth_load_factor = self._count / old.keys.shape[0]
-        n_buckets = old.keys.shape[0] // SLOTS
-        while True:
-            n_buckets *= 2
-            new = _Arrays(n_buckets, self.dim, self.max_load_factor, self._stripes)
-            status = cuckoo.rehash_into(old.keys, old.rows, old.stamps, new.keys, new.rows, new.stamps,
-                                        new.versions, *self._queue)
-            if status == cuckoo.OK:
-                break
-        self._state = new
+        self._state = self._rehashed(old, old.keys.shape[0] // SLOTS * 2)
         self.growths += 1
+
+    def _rehashed(self, old: _Arrays, n_buckets: int, dedupe: bool = False) -> _Arrays:
+        """Writer lock held. A copy of ``old`` in new storage of at least
+        n_buckets buckets (doubling until it fits); ``dedupe``: one entry per key
+        even where ``old`` holds a key twice (see server.cuckoo)."""
+        while True:
+            new = self._allocate(n_buckets)
+            status = cuckoo.rehash_into(old.keys, old.rows, old.stamps, new.keys, new.rows, new.stamps,
+                                        new.versions, *self._queue, dedupe)
+            if status == cuckoo.OK:
+                return new
+            self._release(new)
+            n_buckets *= 2
+
+
+def read_snapshot(path: str | os.PathLike):
+    """(dim, keys, rows, stamps, newest) of a snapshot file written by
+    ``EmbeddingTable.save``; raises SnapshotError naming the fault."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw_header = f.read(_HEADER_BYTES)
+        if len(raw_header) < _HEADER_BYTES:
+            raise SnapshotError(f"{path}: truncated header: {len(raw_header)} of {_HEADER_BYTES} bytes")
+        magic, version, dim, count, newest, *crcs = _HEADER.unpack_from(raw_header)
+        if magic != _MAGIC:
+            raise SnapshotError(f"{path}: not a table snapshot (magic {magic!r}, expected {_MAGIC!r})")
+        (header_crc,) = _HEADER_CRC.unpack_from(raw_header, _HEADER.size)
+        if zlib.crc32(raw_header[: _HEADER.size]) != header_crc:
+            raise SnapshotError(f"{path}: header checksum mismatch")
+        if version != _FORMAT_VERSION:
+            raise SnapshotError(f"{path}: format version {version}, this build reads {_FORMAT_VERSION}")
+        expected = _HEADER_BYTES + count * (8 + 4 * dim + 8)
+        actual = os.fstat(f.fileno()).st_size
+        if actual != expected:
+            raise SnapshotError(f"{path}: truncated or padded: {actual} bytes, header says {expected}")
+        keys = np.fromfile(f, dtype=np.uint64, count=count)
+        rows = np.fromfile(f, dtype=np.float32, count=count * dim).reshape(count, dim)
+        stamps = np.fromfile(f, dtype=np.float64, count=count)
+    for name, part, crc in zip(("keys", "rows", "stamps"), (keys, rows, stamps), crcs):
+        if zlib.crc32(part) != crc:
+            raise SnapshotError(f"{path}: {name} section checksum mismatch")
+    if np.any(keys == EMPTY_KEY):
+        raise SnapshotError(f"{path}: holds the reserved empty key")
+    return dim, keys, rows, stamps, newest
 
 
 def _as_fids(fids) -> np.ndarray:
