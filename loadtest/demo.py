@@ -50,8 +50,9 @@ def run_demo(schema: FeatureSchema, data_dir: Path, report_dir: Path, minutes: f
 
     print("[demo] 2/3 starting tritonserver and the online trainer", file=sys.stderr, flush=True)
     # The extra candidates are random movies, not real impressions: kept as
-    # negatives at 1% (with the logit correction) so they do not swamp the
-    # rating signal (replayed in-process: AUC 0.707 at 1%, 0.633 at 10%).
+    # negatives at 1% (each weighted 1/rate) so they do not swamp the
+    # rating signal (replayed in-process with the former logit shift: AUC
+    # 0.707 at 1%, 0.633 at 10%).
     with spawn_stack(data_dir, sync_interval_ms=sync_interval_ms, window_s=5.0, negative_rate=0.01) as (server, trainer):
         wait_trainer_ready(data_dir, trainer)
         histogram = LatencyHistogram()

@@ -61,6 +61,15 @@ def _train(model: TrainerModel, ex: Examples, user: np.ndarray, items: np.ndarra
         model.train_step(user[s:e], items[s:e], ex.labels[s:e], now=float(ex.times[e - 1]))
 
 
+def apply_delta(serving: TrainerModel, record) -> None:
+    """A sparse delta into a serving-side model, as the updater applies it:
+    absolute rows (embedding half), then deletes."""
+    rows = serving.table.lookup(record.fids)
+    rows[:, : serving.dim] = record.values
+    serving.table.upsert(record.fids, rows, now=record.created_s)
+    serving.table.delete(record.evicted)
+
+
 def _summarize(name: str, results: dict[str, list[float]]) -> dict:
     rows = [{"variant": v, "auc_mean": round(float(np.mean(a)), 4), "auc_std": round(float(np.std(a)), 4),
              "seeds": len(a), "aucs": [round(x, 4) for x in a]} for v, a in results.items()]
@@ -125,11 +134,8 @@ def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: 
                     _train(trainer, ex, ex.user_fids, ex.item_fids, a, b)
                     seq += 1
                     record = trainer.take_delta(seq)
-                    if record is not None:  # applied as the updater applies it: absolute rows, then deletes
-                        rows = serving.table.lookup(record.fids)
-                        rows[:, : schema.dim] = record.values
-                        serving.table.upsert(record.fids, rows, now=record.created_s)
-                        serving.table.delete(record.evicted)
+                    if record is not None:
+                        apply_delta(serving, record)
                 score = auc(tail_labels, np.concatenate(served))
                 results.setdefault(f"online-syncs-{k}", []).append(score)
                 print(f"[sync-interval] seed {seed}: {k:>4} syncs AUC {score:.4f}", file=sys.stderr, flush=True)

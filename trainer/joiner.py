@@ -10,7 +10,7 @@ reads it:
     the window closes    -> every candidate that got no action becomes a
                             negative with probability ``negative_rate``,
                             carrying that rate as its sample rate (the trainer
-                            corrects the logit for it)
+                            weights it by 1 / rate)
     action before request-> held (the two logs are read independently) until
                             the request arrives or the window passes
     action after close   -> counted in ``late`` (and ``orphans`` if its
