@@ -117,6 +117,42 @@ def test_joiner_joins_out_of_order_counts_late_and_samples_negatives(tmp_path):
     assert len(out) >= 2  # a fresh joiner re-reads the logs from the start
 
 
+def test_after_a_backlog_every_click_is_joined_as_a_positive(tmp_path):
+    """The trainer was down for many windows under traffic: the logs hold
+    40,000 requests and a click on every fourth. Each poll reads at most
+    10,000 records of a log and the clock passes a whole window between
+    polls (training the backlog is slow), yet no click expires before its
+    impression is read and no clicked impression becomes a negative."""
+    n, window_s = 40_000, 1.0
+    clicked = set(range(0, n, 4))
+    with SegmentLogWriter(tmp_path / "feature_log" / "ranker_0", fsync="never") as features, \
+            SegmentLogWriter(tmp_path / "feedback_log" / "feedback_0", fsync="never") as feedback:
+        for k in range(n):
+            t = 1_700_000_000.0 + k * 0.005
+            user = np.array([fid(1, k)] + [PAD_FID] * (SCHEMA.user_width - 1), np.uint64)
+            items = np.zeros((2, SCHEMA.item_width), np.uint64)
+            items[:, 0] = [fid(10, 2 * k), fid(10, 2 * k + 1)]
+            features.append(FeatureRecord(f"r{k}".encode(), t, 0, user, items, np.zeros(2, np.float32)).encode())
+            if k in clicked:
+                feedback.append(FeedbackRecord(f"r{k}".encode(), t + 0.002, t + 0.002, items[:1, 0],
+                                               np.ones(1, np.float32)).encode())
+    joiner = Joiner(tmp_path, window_s=window_s, negative_rate=0.1, seed=3)
+    labels_by_user: dict[int, list[float]] = {}
+    for step in range(12):
+        out = joiner.poll(now_s=step * 1.5 * window_s)
+        for user, label in zip(out.user_fids, out.labels):
+            labels_by_user.setdefault(int(user[0]), []).append(label)
+    assert joiner.buffered == 0 and joiner.late == 0 and joiner.orphans == 0
+    assert joiner.joined == len(clicked)
+    for k in range(n):
+        labels = labels_by_user.get(fid(1, k), [])
+        positives = 1 if k in clicked else 0
+        assert labels.count(1.0) == positives and labels.count(0.0) <= 2 - positives, (k, labels)
+    negatives = sum(labels.count(0.0) for labels in labels_by_user.values())
+    expected = 0.1 * (2 * n - len(clicked))
+    assert abs(negatives - expected) < 5 * np.sqrt(expected)
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = TrainerModel(SCHEMA)
     user, items = batch(16)
