@@ -153,6 +153,49 @@ def test_after_a_backlog_every_click_is_joined_as_a_positive(tmp_path):
     assert abs(negatives - expected) < 5 * np.sqrt(expected)
 
 
+def test_restored_joiner_samples_the_same_negatives(tmp_path):
+    with SegmentLogWriter(tmp_path / "feature_log" / "ranker_0") as features:
+        for k in range(50):
+            write_feature(features, f"a{k}".encode(), [1, 2, 3, 4])
+        joiner = Joiner(tmp_path, window_s=1.0, negative_rate=0.3, seed=5)
+        joiner.poll(now_s=0.0)
+        first = joiner.poll(now_s=2.0)  # the sampler has drawn 200 times
+        for k in range(50):
+            write_feature(features, f"b{k}".encode(), [1, 2, 3, 4])
+    restored = Joiner(tmp_path, window_s=1.0, negative_rate=0.3, seed=5)
+    restored.restore(joiner.state(), now_s=2.0)
+    assert len(first) > 0
+    for j in (joiner, restored):
+        j.poll(now_s=3.0)
+    a, b = joiner.poll(now_s=5.0), restored.poll(now_s=5.0)
+    assert len(a) > 0 and np.array_equal(np.stack(a.item_fids), np.stack(b.item_fids))
+
+
+def test_trainer_refuses_a_stream_behind_its_checkpoint(tmp_path):
+    from updater.delta import DeltaRecord
+    from updater.stream import FileDeltaWriter
+
+    model = TrainerModel(SCHEMA)
+    save_checkpoint(tmp_path, model, None, delta_seq=3)
+    with FileDeltaWriter(tmp_path / "deltas") as deltas:  # records 2 and 3 were lost
+        deltas.append(DeltaRecord.dense(1, 0.0, model.dense_state()))
+    with pytest.raises(ValueError, match="ends at seq 1, behind the trainer checkpoint at seq 3"):
+        OnlineTrainer(SCHEMA, tmp_path)
+
+
+def test_checkpoint_keeps_the_admission_sketch(tmp_path):
+    schema = FeatureSchema((Slot("u", 1, "user", 4), Slot("i", 2, "item", 4, min_count=3)))
+    model = TrainerModel(schema)
+    user, item = np.array([[fid(1, "a")]], np.uint64), np.array([[fid(2, "x")]], np.uint64)
+    for step in range(2):
+        model.train_step(user, item, np.ones(1, np.float32), now=float(step))
+    save_checkpoint(tmp_path, model, None, delta_seq=1)
+    restored = TrainerModel(schema)
+    load_checkpoint(tmp_path, restored, None)
+    restored.train_step(user, item, np.ones(1, np.float32), now=2.0)
+    assert restored.table.contains(item[0])[0], "the third sighting admits, across the restart"
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = TrainerModel(SCHEMA)
     user, items = batch(16)

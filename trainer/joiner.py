@@ -45,9 +45,12 @@ column of each candidate row (the item-id slot); an action naming an item
 that was not a candidate is counted in ``unmatched``.
 
 Memory is bounded by the window: the buffer holds the requests of the last
-``window_s`` seconds. ``state()`` / ``restore()`` carry the buffer and the
-read position of every log, so a restarted trainer neither loses nor
-repeats a joined example.
+``window_s`` seconds. ``state()`` / ``restore()`` carry everything that
+decides what the joiner does next: the read position of every log, the
+buffer, the early actions, the recently closed request ids and the state of
+the random generator that samples negatives. So a restarted trainer neither
+loses nor repeats a joined example, and replaying the same logs samples the
+same negatives.
 """
 
 from __future__ import annotations
@@ -225,8 +228,9 @@ class Joiner:
     # ---------------------------------------------------------- checkpointing
 
     def state(self) -> bytes:
-        """Read positions and the buffer (requests still in their window,
-        which candidates already became examples, actions waiting)."""
+        """Read positions, the buffer (requests still in their window, which
+        candidates already became examples, actions waiting), the recently
+        closed request ids and the negative sampler's random state."""
         parts = [struct.pack("<I", len(self._positions))]
         for key, position in self._positions.items():
             raw = key.encode()
@@ -241,6 +245,11 @@ class Joiner:
         for action in early:
             raw = action.encode()
             parts += [struct.pack("<I", len(raw)), raw]
+        parts.append(struct.pack("<I", len(self._closed)))
+        for rid in self._closed:
+            parts += [struct.pack("<H", len(rid)), rid]
+        version, words, gauss = self._rng.getstate()
+        parts.append(struct.pack(f"<I{len(words)}I", len(words), *words))
         return b"".join(parts)
 
     def restore(self, blob: bytes, now_s: float | None = None) -> None:
@@ -273,6 +282,11 @@ class Joiner:
         for _ in range(n_early):
             action = FeedbackRecord.decode(raw(take("<I")[0]))
             self._early.setdefault(action.request_id, (now_s, action.event_time_s, []))[2].append(action)
+        (n_closed,) = take("<I")
+        for _ in range(n_closed):
+            self._closed[raw(take("<H")[0])] = now_s
+        (n_words,) = take("<I")
+        self._rng.setstate((3, take(f"<{n_words}I"), None))
         if at != len(blob):
             raise ValueError(f"joiner state: {len(blob) - at} bytes left over")
 

@@ -15,6 +15,10 @@ Online loop, one thread, every step bounded:
                                that seq
     stop (SIGINT/SIGTERM)      the same as a snapshot, then exit
 
+Start: the newest trainer checkpoint is restored, then the stream is made
+to agree with it (``reconcile``): records past the checkpoint are undone by
+one record of absolute values; a stream that ends before it is refused.
+
 Prequential AUC: each micro-batch is scored before it is trained on.
 """
 
@@ -37,8 +41,8 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.joiner import Joiner
 from trainer.model import TrainerModel, auc
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from updater.delta import DENSE, DeltaRecord
+from updater.stream import FileDeltaReader, FileDeltaWriter
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,50 @@ def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner
     return seq
 
 
+def reconcile(model: TrainerModel, writer: FileDeltaWriter, directory: Path, checkpoint_seq: int) -> str | None:
+    """Makes the stream agree with a trainer restored at ``checkpoint_seq``.
+
+    After a kill the stream may hold records past the checkpoint (S+1..S+k,
+    already applied by servers) that the restored state knows nothing of.
+    Appends one sparse record that undoes them: for every FID they wrote or
+    evicted, the restored row (absolute) if the trainer has it, else a
+    delete; and the restored dense weights if any of them was dense. Every
+    server then holds exactly the trainer's state at S again (absolute
+    values: whatever it had applied of S+1..S+k). Returns what it did, or
+    None when the stream ends at the checkpoint. Raises ValueError when the
+    stream ends before it: records a server may need were lost."""
+    last = writer.next_seq - 1
+    if last < checkpoint_seq:
+        raise ValueError(f"delta stream {directory} ends at seq {last}, behind the trainer checkpoint at seq "
+                         f"{checkpoint_seq}: records that servers may need are lost; requires the stream the "
+                         f"checkpoint was taken with (restore it, or move the checkpoints in "
+                         f"{directory.parent / 'trainer'} away to start training afresh)")
+    if last == checkpoint_seq:
+        return None
+    written, dense = [], False
+    reader = FileDeltaReader(directory, after_seq=checkpoint_seq)
+    try:
+        while records := reader.read(max_records=256):
+            for record in records:
+                if record.kind == DENSE:
+                    dense = True
+                else:
+                    written += [record.fids, record.evicted]
+    finally:
+        reader.close()
+    fids = np.unique(np.concatenate(written)) if written else np.empty(0, np.uint64)
+    rows, found = model.table.lookup_found(fids)
+    writer.append(DeltaRecord.sparse(writer.next_seq, time.time(), fids[found], rows[found, : model.dim],
+                                     fids[~found]))
+    if dense:
+        writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
+    message = (f"reconciled {last - checkpoint_seq} stream records past the checkpoint (seq {checkpoint_seq + 1}.."
+               f"{last}): {int(found.sum())} rows restored, {int((~found).sum())} deleted"
+               + (", dense weights restored" if dense else ""))
+    log.warning(message)
+    return message
+
+
 def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train_fraction: float = 0.8,
                 batch_size: int = 1024, progress: bool = True, **model_args) -> tuple[dict, TrainerModel]:
     """One time-ordered pass over the first train_fraction of examples, AUC on
@@ -130,6 +178,13 @@ class OnlineTrainer:
         self.writer = FileDeltaWriter(self.data_dir / "deltas")
         self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
                               else "no trainer checkpoint: starting from fresh weights")
+        try:
+            reconciled = reconcile(self.model, self.writer, self.data_dir / "deltas", meta["delta_seq"] if meta else 0)
+        except BaseException:
+            self.close()
+            raise
+        if reconciled:
+            self.start_message += f"; {reconciled}"
         counters = (meta or {}).get("counters", {})
         self.examples = counters.get("examples", 0)
         for name in ("joined", "negatives", "dropped_negatives", "late", "orphans", "unmatched"):
