@@ -199,7 +199,8 @@ class RankerRuntime:
             from updater.stream import FileDeltaReader
 
             deltas = self.data_dir / "deltas"
-            self.updater = DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq)).start()
+            self.updater = DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
+                                        load_snapshot=lambda: load_latest_snapshot(self.data_dir)).start()
 
     def score(self, requests: Sequence[RankRequest]) -> tuple[list[np.ndarray], int]:
         """Probabilities for each request's candidates, and the delta_seq they saw."""

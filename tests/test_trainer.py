@@ -75,6 +75,19 @@ def test_admission_and_expiry_per_slot():
     assert fid(2, "x") in record.evicted.tolist() and fid(2, "x") not in record.fids.tolist()
 
 
+def test_a_step_that_would_write_nan_is_skipped():
+    model = TrainerModel(SCHEMA)
+    user, items = batch(4)
+    model.train_step(user, items, np.ones(4, np.float32), now=1.0)
+    model.take_delta(1)
+    dense_before = model.dense_state()
+    model.table.upsert(items[:1, 0], np.full((1, 2 * SCHEMA.dim), np.inf, np.float32), now=2.0)  # a row gone bad
+    assert np.isnan(model.train_step(user, items, np.ones(4, np.float32), now=3.0))
+    assert model.skipped_steps == 1 and model.take_delta(2) is None
+    for name, tensor in model.dense_state().items():
+        assert torch.equal(tensor, dense_before[name]), name
+
+
 def write_feature(log, rid, items, t=1.0):
     user, item_fids = SCHEMA.encode_request({"user_id": 1}, [{"item_id": i} for i in items])
     log.append(FeatureRecord(rid, t, 0, user, item_fids, np.zeros(len(items), np.float32)).encode())

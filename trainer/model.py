@@ -24,6 +24,10 @@ serving gets the first K columns. A training step:
        (only the U rows of the batch are read or written)
     4. the touched FIDs are remembered, every one, until ``take_delta``
        turns them (with evictions since) into one sparse delta record
+
+A step whose new rows or dense gradients hold NaN or Inf is skipped whole
+(counted in ``skipped_steps``): nothing non-finite reaches the table, the
+dense weights or a delta.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class TrainerModel:
         self._touched: list[np.ndarray] = []
         self._evicted: list[np.ndarray] = []
         self.steps = 0
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ pooling
 
@@ -121,10 +126,15 @@ class TrainerModel:
             loss = (per_example * weights).sum() / weights.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
         grad = rows.grad.numpy()[admitted]
         acc_new = acc[admitted] + grad * grad
         emb_new = emb[admitted] - self.lr_sparse * grad / np.sqrt(acc_new)
+        if not (np.isfinite(emb_new).all() and np.isfinite(acc_new).all() and all(
+                p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.dense.parameters())):
+            self.skipped_steps += 1  # NaN/Inf never reaches the table, the dense weights or a delta
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        self.optimizer.step()
         keys = distinct[admitted]
         if keys.shape[0]:
             self.table.upsert(keys, np.concatenate([emb_new, acc_new], axis=1), now=now)
