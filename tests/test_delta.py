@@ -204,3 +204,11 @@ def test_a_refused_record_leaves_no_row_behind(runtime):
         DeltaRecord.sparse(1, 1.0, fids, values)
     with pytest.raises(ValueError, match="finite"):
         DeltaRecord.dense(1, 1.0, bad_dense)
+
+
+def test_bench_apply_reports_both_sides():
+    from updater.bench import bench_apply
+
+    result = bench_apply(SCHEMA, rows=20_000, dim=8, rows_per_record=5_000)
+    assert result["records"] == 4 and 0 < result["table_rows"] <= 20_000
+    assert result["rows_per_s"] > 0 and result["encode_rows_per_s"] > 0
