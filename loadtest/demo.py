@@ -8,7 +8,9 @@
 4. live: requests/s, p99 latency, prequential AUC of the served scores (the
    rated movie's score before its feedback, against its label), and a
    freshness probe every few seconds; at the end a summary and a report
-   directory (summary.json, latency.png, quality.png)
+   directory (summary.json, latency.png, quality.png); the AUC of served
+   and of batch-only scores is given per tenth of the replay, both on the
+   same requests
 
 The batch model's AUC on the same tail is printed beside the served AUC:
 the difference is what online training from live feedback adds.
@@ -129,6 +131,7 @@ def run_demo(schema: FeatureSchema, data_dir: Path, report_dir: Path, minutes: f
 
     mask = ~np.isnan(served)
     batch_scores = batch_model.predict(tail.user_fids[mask], tail.item_fids[mask])
+    labels = tail.labels[mask]
     summary = {
         "requests": int(mask.sum()),
         "elapsed_s": round(elapsed, 1),
@@ -137,12 +140,23 @@ def run_demo(schema: FeatureSchema, data_dir: Path, report_dir: Path, minutes: f
         "errors": errors["count"],
         "served_auc": round(auc(tail.labels[mask], served[mask]), 4),
         "batch_only_auc": round(auc(tail.labels[mask], batch_scores), 4),
+        "served_auc_by_tenth": auc_by_tenth(labels, served[mask]),
+        "batch_only_auc_by_tenth": auc_by_tenth(labels, batch_scores),
         "batch": batch,
         "freshness": summarize([f for _, f in freshness]),
         "server": served_stats,
     }
-    write_report(report_dir, summary, timeline, freshness, tail.labels, served)
+    write_report(report_dir, summary, timeline, freshness)
     return summary
+
+
+def auc_by_tenth(labels: np.ndarray, scores: np.ndarray) -> list[float | None]:
+    """AUC over each tenth of the replayed requests in time order (None where a tenth has one class)."""
+    out = []
+    for part in np.array_split(np.arange(labels.shape[0]), 10):
+        value = auc(labels[part], scores[part])
+        out.append(None if np.isnan(value) else round(value, 4))
+    return out
 
 
 def server_side_stats(server) -> dict:
@@ -158,7 +172,7 @@ def server_side_stats(server) -> dict:
     }
 
 
-def write_report(report_dir: Path, summary: dict, timeline, freshness, labels, served) -> None:
+def write_report(report_dir: Path, summary: dict, timeline, freshness) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,11 +201,11 @@ def write_report(report_dir: Path, summary: dict, timeline, freshness, labels, s
         fig.savefig(report_dir / "latency.png", dpi=100)
         plt.close(fig)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    order = np.flatnonzero(~np.isnan(served))
-    if order.size > 1000:
-        chunks = np.array_split(order, 10)
-        a.plot(range(1, 11), [auc(labels[c], served[c]) for c in chunks], marker="o")
-    a.axhline(summary["batch_only_auc"], color="gray", linestyle="--", label="batch-only model")
+    tenths = range(1, 11)
+    a.plot(tenths, [np.nan if v is None else v for v in summary["served_auc_by_tenth"]], marker="o",
+           label="served (online training)")
+    a.plot(tenths, [np.nan if v is None else v for v in summary["batch_only_auc_by_tenth"]], marker="s",
+           color="gray", linestyle="--", label="batch-only model, same requests")
     a.set_xlabel("tenth of the replay (time order)")
     a.set_ylabel("AUC of served scores")
     a.set_title("prequential AUC")
@@ -216,6 +230,9 @@ def format_summary(summary: dict, report_dir: Path) -> str:
         f"  latency      p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, p99.9 {lat['p999_ms']} ms",
         f"  quality      AUC of served scores {summary['served_auc']} (online training) vs "
         f"{summary['batch_only_auc']} (batch-only model, same requests)",
+        "  by tenth     served " + " ".join("-" if v is None else f"{v:.3f}" for v in summary["served_auc_by_tenth"]),
+        "               batch  " + " ".join("-" if v is None else f"{v:.3f}"
+                                           for v in summary["batch_only_auc_by_tenth"]),
         f"  freshness    p50 {fresh['p50_s']} s, p99 {fresh['p99_s']} s over {fresh['probes']} probes "
         f"({fresh['failed']} failed)",
         f"  batch        {summary['batch']['examples']:,} examples at {summary['batch']['examples_per_s']:,.0f}/s",

@@ -33,7 +33,8 @@ def test_collisions_quick(tmp_path):
 def test_sync_interval_quick():
     result = run_sync_interval(SCHEMA, seeds=1, quick=True)
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["batch-only", "online-syncs-1", "online-syncs-10", "online-syncs-50"]
+    assert list(rows) == ["batch-only", "online-syncs-1", "online-syncs-10", "online-syncs-50", "trainer-live"]
+    assert {r["batch_size"] for r in rows.values()} == {100}  # one batch size for every variant
     # One sync at the very end serves the batch model throughout: identical scores.
     assert rows["online-syncs-1"]["auc_mean"] == rows["batch-only"]["auc_mean"]
     assert rows["online-syncs-50"]["auc_mean"] != rows["batch-only"]["auc_mean"]

@@ -68,6 +68,7 @@ def test_short_demo_run(tmp_path):
                        sync_interval_ms=200.0)
     assert summary["errors"] == 0 and summary["requests"] > 200
     assert 0.5 < summary["served_auc"] < 1.0 and 0.5 < summary["batch_only_auc"] < 1.0
+    assert len(summary["served_auc_by_tenth"]) == len(summary["batch_only_auc_by_tenth"]) == 10
     assert summary["freshness"]["probes"] >= 1 and summary["freshness"]["failed"] == 0
     assert summary["latency_ms"]["count"] == summary["requests"]
     for name in ("summary.json", "latency.png", "quality.png"):
