@@ -128,6 +128,9 @@ def test_joiner_joins_out_of_order_counts_late_and_samples_negatives(tmp_path):
     assert abs(negatives - 1000) < 5 * np.sqrt(4000 * 0.25 * 0.75)  # 4000 impressions at rate 0.25
     out = Joiner(tmp_path, window_s=1.0, negative_rate=0.25).poll(now_s=0.0)
     assert len(out) >= 2  # a fresh joiner re-reads the logs from the start
+    explicit_only = Joiner(tmp_path, window_s=1.0, negative_rate=0.0)
+    explicit_only.poll(now_s=0.0)
+    assert len(explicit_only.poll(now_s=5.0)) == 0 and explicit_only.negatives == 0  # rate 0: actions only
 
 
 def test_after_a_backlog_every_click_is_joined_as_a_positive(tmp_path):

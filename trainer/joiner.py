@@ -10,7 +10,8 @@ reads it:
     the window closes    -> every candidate that got no action becomes a
                             negative with probability ``negative_rate``,
                             carrying that rate as its sample rate (the trainer
-                            weights it by 1 / rate)
+                            weights it by 1 / rate); at rate 0 none does
+                            (feedback that labels negatives explicitly)
     action before request-> held until the request arrives, or until the
                             window passes *and* the feature logs have been
                             read past the action's event time + window (or
@@ -108,8 +109,8 @@ _FEATURE, _FEEDBACK = "feature_log", "feedback_log"
 class Joiner:
     def __init__(self, data_dir: str | Path, window_s: float = 30.0, negative_rate: float = 0.1, seed: int = 0,
                  max_records: int = MAX_RECORDS_PER_POLL):
-        if window_s <= 0 or not 0 < negative_rate <= 1 or max_records < 1:
-            raise ValueError(f"requires window_s > 0, 0 < negative_rate <= 1 and max_records >= 1, got "
+        if window_s <= 0 or not 0 <= negative_rate <= 1 or max_records < 1:
+            raise ValueError(f"requires window_s > 0, 0 <= negative_rate <= 1 and max_records >= 1, got "
                              f"{window_s}, {negative_rate}, {max_records}")
         self.data_dir = Path(data_dir)
         self.window_s = window_s
