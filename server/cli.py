@@ -205,6 +205,14 @@ def _run_bench_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_feedback(args: argparse.Namespace) -> int:
+    from loadtest.feedback_bench import bench_feedback, format_feedback_report
+
+    result = bench_feedback(args.url, args.clients, args.window_s, args.rounds)
+    print(orjson.dumps(result).decode() if args.json else format_feedback_report(result))
+    return 0 if result["errors"] == 0 and result["one_client"]["errors"] == 0 else 1
+
+
 def _run_bench_recovery(args: argparse.Namespace) -> int:
     from loadtest.recovery_bench import bench_recovery
 
@@ -348,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--expiry-interval-s", type=float, default=60.0,
                         help="seconds between per-slot TTL sweeps (default 60)")
     online.add_argument("--negative-rate", type=float, default=0.1,
-                        help="share of unclicked impressions kept as negatives (default 0.1)")
+                        help="share of unclicked impressions kept as negatives, each weighted 1/rate; 0: none, "
+                        "for feedback that labels negatives explicitly (default 0.1)")
     online.add_argument("--lr-sparse", type=float, default=0.05, help="Adagrad rate of embedding rows (default 0.05)")
     online.add_argument("--lr-dense", type=float, default=1e-4, help="Adam rate of dense weights (default 1e-4)")
     online.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: never)")
@@ -505,6 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(run=_run_bench_apply)
+
+    feedback = bench_kinds.add_parser(
+        "feedback", help="durable feedback acknowledgements/s with many clients vs one",
+        description="Closed-loop gRPC clients send feedback (one click each); an acknowledgement means the action "
+        "is fsynced. Measures --clients clients against one client on the same server, in alternating windows "
+        "of the same run: acks/s, p50 and p99 latency. Spawns a server unless --url is given.")
+    feedback.add_argument("--url", default=None, help="host:port (gRPC) of a running server (default: spawn one)")
+    feedback.add_argument("--clients", type=_positive_int, default=8, help="concurrent clients (default 8)")
+    feedback.add_argument("--window-s", type=float, default=5.0, help="seconds per window (default 5)")
+    feedback.add_argument("--rounds", type=_positive_int, default=2, help="windows per variant (default 2)")
+    feedback.add_argument("--json", action="store_true", help="print one JSON object")
+    feedback.set_defaults(run=_run_bench_feedback)
 
     recovery = bench_kinds.add_parser(
         "recovery", help="restart time with a large snapshot plus a minute of deltas",

@@ -501,6 +501,26 @@ class BackgroundAppender:
         """Queue one record. If the queue stays full for ``timeout_s`` (None: until
         space), count it in ``shed`` and return False. With ``wait=True``, return once
         the record is appended and synced, or raise the writer's exception."""
+        if not wait:
+            return self._enqueue(payload, None, timeout_s) is not None
+        (outcome,) = self.submit_all([payload], timeout_s=timeout_s)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit_all(self, payloads: list[bytes], *, timeout_s: float | None = None) -> list[bool | Exception]:
+        """Queues every record, then waits until all are appended and synced:
+        one sync can cover them all (group commit across the caller's batch).
+        Per record: True (durable), False (shed: the queue stayed full for
+        ``timeout_s``) or the writer's exception."""
+        tickets = [self._enqueue(payload, [None], timeout_s) for payload in payloads]
+        last = max((t[0] for t in tickets if t is not None), default=0)
+        with self._lock:
+            self._progress.wait_for(lambda: self._completed >= last)
+        return [False if t is None else (t[1][0] if t[1][0] is not None else True) for t in tickets]
+
+    def _enqueue(self, payload: bytes, ticket: list | None, timeout_s: float | None) -> tuple[int, list | None] | None:
+        """(sequence, ticket) of the queued record, or None if it was shed."""
         if (n := len(payload)) > (limit := self._writer.max_payload_bytes):
             raise ValueError(f"payload of {n} bytes exceeds max_payload_bytes={limit}")
         with self._lock:
@@ -510,17 +530,11 @@ class BackgroundAppender:
                 raise RuntimeError(f"BackgroundAppender {self.name!r} is closed")
             if len(self._queue) >= self._max_queue:
                 self.shed += 1
-                return False
+                return None
             self._submitted += 1
-            seq, ticket = self._submitted, [None] if wait else None
-            self._queue.append((seq, payload, ticket))
+            self._queue.append((self._submitted, payload, ticket))
             self._nonempty.notify()
-            if ticket is None:
-                return True
-            self._progress.wait_for(lambda: self._completed >= seq)
-        if ticket[0] is not None:
-            raise ticket[0]
-        return True
+            return self._submitted, ticket
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything submitted so far is appended and synced; False on timeout."""
