@@ -66,7 +66,7 @@ def _window(url: str, clients: int, duration_s: float, tag: str) -> tuple[int, i
 
 def bench_feedback(url: str | None, clients: int, duration_s: float, rounds: int) -> dict:
     with contextlib.ExitStack() as stack:
-        url, _ = target_url(stack, url, "grpc", "bench-feedback")
+        url = target_url(stack, url, "grpc", "bench-feedback").url
         totals = {n: {"acks": 0, "errors": 0, "seconds": 0.0, "hist": LatencyHistogram()} for n in (1, clients)}
         for r in range(rounds):
             for n in (1, clients):

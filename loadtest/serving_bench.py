@@ -33,7 +33,7 @@ def bench_serving(url: str | None, protocol: str, candidates: int, requests: int
     schema = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
-        url, _ = target_url(stack, url, protocol, "bench-serving")
+        url = target_url(stack, url, protocol, "bench-serving").url
         client = stack.enter_context(RankerClient(url, protocol))
         users = rng.integers(1, 1000, requests + _WARMUP)
         item_ids = rng.integers(1, 2000, (requests + _WARMUP, candidates))

@@ -165,7 +165,7 @@ def _run_latency(args: argparse.Namespace) -> int:
         return 2
     result = run_latency(_schema(), None if args.spawn else args.url, args.protocol, args.rate, args.concurrency,
                          args.duration_s, args.warmup_s, args.candidates, args.with_updates, args.baseline,
-                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed)
+                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed, args.metrics_url)
     if args.report:
         write_report(result, args.report)
     result.pop("_timelines", None)
@@ -419,9 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cap per window (default 1000000)")
     latency.add_argument("--candidates", type=_positive_int, default=100, help="candidates per request (default 100)")
     latency.add_argument("--with-updates", type=float, default=None, metavar="ROWS_PER_S",
-                         help="also measure while a producer streams this many rows/s of deltas")
+                         help="also measure while a producer streams this many rows/s of deltas (half overwrites "
+                         "of requested rows, half new rows); reports the rows/s the ranker applied")
     latency.add_argument("--baseline", action="store_true", help="also measure the trivial baseline model")
     latency.add_argument("--data-dir", default=None, help="the --url server's data dir (for --with-updates)")
+    latency.add_argument("--metrics-url", default=None,
+                         help="the --url server's metrics URL, for the rows/s it applied (spawned: its own)")
     latency.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     latency.add_argument("--json", action="store_true", help="print one JSON object")
     latency.add_argument("--report", default=None, help="write latency.json and latency.png here")

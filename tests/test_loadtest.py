@@ -52,6 +52,8 @@ def test_short_spawned_latency_run(tmp_path):
     assert 0 < saved["p50_ms"] <= saved["p90_ms"] <= saved["p99_ms"] <= saved["p999_ms"]
     assert 100 < saved["achieved_rps"] < 200
     assert saved["delta_seq_at_end"] > 0, "the updates never reached the ranker"
+    assert saved["applied_rows_per_s"] > 0  # from the ranker's metrics, not the rate asked for
+    assert saved["table_rows_at_end"] > 200_000  # started from a populated snapshot, grown by new rows
     assert saved["ranker"]["server_side"]["compute_infer_us"] > 0
 
 
