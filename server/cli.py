@@ -101,7 +101,8 @@ def _run_train(args: argparse.Namespace) -> int:
     config = OnlineConfig(sync_interval_s=args.sync_interval_ms / 1000, dense_interval_s=args.dense_interval_s,
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
-                          lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s)
+                          lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s,
+                          log_retention_s=args.log_retention_s)
     trainer = OnlineTrainer(schema, args.data_dir, config)
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -231,7 +232,8 @@ def _run_soak(args: argparse.Namespace) -> int:
         print(f"soak {args.minutes} min: {result['requests']:,} requests, {result['errors']} errors; RSS growth "
               f"after warm-up: server {result['server_rss_growth']}, trainer {result['trainer_rss_growth']}; "
               f"RSS MB server {result['server_rss_mb']}, trainer {result['trainer_rss_mb']}; "
-              f"table rows {result['table_rows']}; freshness p50 {result['freshness_p50_s']} s")
+              f"table rows {result['table_rows']}; disk bytes {result['disk_bytes']}; "
+              f"freshness p50 {result['freshness_p50_s']} s")
     return 0 if result["errors"] == 0 else 1
 
 
@@ -360,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for feedback that labels negatives explicitly (default 0.1)")
     online.add_argument("--lr-sparse", type=float, default=0.05, help="Adagrad rate of embedding rows (default 0.05)")
     online.add_argument("--lr-dense", type=float, default=1e-4, help="Adam rate of dense weights (default 1e-4)")
+    online.add_argument("--log-retention-s", type=float, default=3600.0,
+                        help="feature/feedback log segments that the oldest kept checkpoint has read past are "
+                        "deleted once this old (default 3600); delta segments go once every kept snapshot and "
+                        "checkpoint is past them")
     online.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: never)")
     for p in (batch, online):
         p.set_defaults(run=_run_train)

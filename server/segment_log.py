@@ -49,6 +49,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ from pathlib import Path
 
 from server.durable import fsync_path
 
-__all__ = ["BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter"]
+__all__ = ["BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter",
+           "delete_sealed_segments", "segment_bytes_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -312,16 +314,7 @@ class SegmentLogWriter:
         """Delete the segments all of whose records have index < ``record_index`` (never the newest)."""
         with self._lock:
             self._check_usable()
-            names = _list_segments(self.directory)
-            deleted = []
-            for first, following in zip(names, names[1:]):
-                if following > record_index:
-                    break
-                deleted.append(_segment_path(self.directory, first))
-                deleted[-1].unlink()
-            if deleted and self._fsync != "never":
-                fsync_path(self.directory)
-            return deleted
+            return delete_sealed_segments(self.directory, record_index, fsync=self._fsync != "never")
 
     def close(self) -> None:
         """Sync (unless fsync="never") and release the directory; idempotent."""
@@ -342,6 +335,43 @@ class SegmentLogWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def delete_sealed_segments(directory, before_record: int, min_age_s: float = 0.0, fsync: bool = True) -> list[Path]:
+    """Retention: deletes the sealed segments (never the newest) all of whose
+    records have index < ``before_record`` and that were last written at
+    least ``min_age_s`` ago, oldest first, stopping at the first that must
+    stay (so the log keeps no hole). Safe beside the one writer (it never
+    touches a sealed segment) and beside readers (an open segment stays
+    readable; a reader that must open a deleted one fails with ValueError)."""
+    directory = Path(directory)
+    names = _list_segments(directory)
+    horizon = time.time() - min_age_s
+    deleted = []
+    for first, following in zip(names, names[1:]):
+        path = _segment_path(directory, first)
+        if following > before_record or path.stat().st_mtime > horizon:
+            break
+        path.unlink()
+        deleted.append(path)
+    if deleted and fsync:
+        fsync_path(directory)
+    return deleted
+
+
+def segment_bytes_from_env(default: int = 64 << 20) -> int:
+    """Segment size of the server's and trainer's logs: $MONOLITH_SEGMENT_BYTES, else ``default``.
+    Smaller segments let retention free disk sooner (it deletes whole sealed segments)."""
+    text = os.environ.get("MONOLITH_SEGMENT_BYTES")
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 4096:
+        raise ValueError(f"MONOLITH_SEGMENT_BYTES requires an integer >= 4096, got {text!r}")
+    return value
 
 
 class SegmentLogReader:

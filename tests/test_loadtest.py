@@ -86,3 +86,4 @@ def test_short_soak():
     assert result["freshness_failed"] == 0
     assert result["server_rss_mb"]["end"] > 100 and result["trainer_rss_mb"]["end"] > 100
     assert -0.5 < result["server_rss_growth"] < 0.5 and -0.5 < result["trainer_rss_growth"] < 0.5
+    assert 0 < result["disk_bytes"]["start"] <= result["disk_bytes"]["max"]

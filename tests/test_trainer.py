@@ -1,5 +1,6 @@
 """Trainer: training step, deltas, admission/expiry, joiner, checkpoints, and end to end with Triton."""
 
+import json
 import threading
 import time
 
@@ -210,6 +211,63 @@ def test_checkpoint_keeps_the_admission_sketch(tmp_path):
     load_checkpoint(tmp_path, restored, None)
     restored.train_step(user, item, np.ones(1, np.float32), now=2.0)
     assert restored.table.contains(item[0])[0], "the third sighting admits, across the restart"
+
+
+def test_retention_keeps_disk_bounded_and_a_server_left_behind_heals_from_a_snapshot(tmp_path, monkeypatch):
+    """Rounds of traffic, each trained and published: logs and deltas past
+    every kept checkpoint and snapshot are deleted, so disk stops growing; a
+    server whose position fell behind the deleted deltas loads a snapshot."""
+    import time as clock
+
+    from server.ranker import RankerRuntime
+    from server.snapshot import list_snapshots, load_latest_snapshot
+    from updater.applier import DeltaApplier
+    from updater.stream import FileDeltaReader
+
+    monkeypatch.setenv("MONOLITH_SEGMENT_BYTES", "8192")
+    data = tmp_path / "data"
+    config = OnlineConfig(window_s=0.05, negative_rate=0.1, log_retention_s=0.0, max_batch_delay_s=0.0)
+    late_server, sizes, k = None, [], 0
+    for round_ in range(6):
+        with SegmentLogWriter(data / "feature_log" / "ranker_0", segment_bytes=8192) as features, \
+                SegmentLogWriter(data / "feedback_log" / "feedback_0", segment_bytes=8192) as feedback:
+            for _ in range(150):
+                rid = f"r{k}".encode()
+                write_feature(features, rid, [10 * k, 10 * k + 1])
+                write_action(feedback, rid, 10 * k)
+                k += 1
+        trainer = OnlineTrainer(SCHEMA, data, config)
+        stop = threading.Event()
+        trainer.joiner.poll()
+        clock.sleep(0.06)  # every window of this round closes at the next poll
+        trainer.run(stop, max_seconds=0.05)
+        trainer.close()
+        if round_ == 0:
+            late_server = RankerRuntime(SCHEMA, data, "late", apply_deltas=False)
+        sizes.append(sum(f.stat().st_size for f in data.rglob("*.seg")))
+    checkpoints = sorted((data / "trainer").glob("0*"))
+    oldest_positions = json.loads((checkpoints[0] / "meta.json").read_text())["positions"]
+    for key, position in oldest_positions.items():
+        firsts = sorted(int(p.stem) for p in (data / key).glob("*.seg"))
+        assert len(firsts) == 1 or firsts[1] > position, f"{key}: a segment before {position} survived"
+    oldest_kept = min(int(p.name) for p in list_snapshots(data) + checkpoints)
+    delta_firsts = sorted(int(p.stem) for p in (data / "deltas").glob("*.seg"))
+    assert delta_firsts[0] > 0 and (len(delta_firsts) == 1 or delta_firsts[1] > oldest_kept)
+    assert sizes[-1] < 1.5 * sizes[2], f"disk keeps growing: {sizes}"
+
+    last = load_latest_snapshot(data).delta_seq
+    assert late_server.delta_seq < delta_firsts[0], "the late server is not behind retention"
+    applier = DeltaApplier(late_server, lambda after: FileDeltaReader(data / "deltas", after),
+                           load_snapshot=lambda: load_latest_snapshot(data), retry_delays_s=(0.01,)).start()
+    try:
+        deadline = clock.monotonic() + 20
+        while late_server.delta_seq < last:
+            assert clock.monotonic() < deadline, f"stuck at {late_server.delta_seq}: {applier.halted_reason}"
+            clock.sleep(0.01)
+    finally:
+        applier.stop()
+        late_server.close(snapshot=False)
+    assert applier.snapshot_reloads == 1
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -6,7 +6,8 @@
         joiner.bin    log read positions, the join buffer, the sampler's
                       random state (trainer.joiner)
         sketch.bin    the admission sketch (zlib-compressed uint16[depth, width])
-        meta.json     {"delta_seq", "steps", "created_s", "counters"}
+        meta.json     {"delta_seq", "steps", "created_s", "counters",
+                       "positions": the joiner's next record per log}
 
 Written like serving snapshots (temp dir, fsync, rename), so a kill -9 at
 any moment leaves the previous checkpoint whole. Every checkpoint is taken
@@ -55,7 +56,8 @@ def save_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None, delta_
         sketch = model.table.sketch
         (tmp / "sketch.bin").write_bytes(struct.pack("<II", *sketch.shape) + zlib.compress(sketch.tobytes(), 1))
         (tmp / "meta.json").write_text(json.dumps({"delta_seq": int(delta_seq), "steps": model.steps,
-                                                   "created_s": time.time(), "counters": counters or {}}))
+                                                   "created_s": time.time(), "counters": counters or {},
+                                                   "positions": joiner.positions if joiner is not None else {}}))
     for old in list_checkpoints(data_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

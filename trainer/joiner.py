@@ -223,6 +223,11 @@ class Joiner:
             self.orphans += count
 
     @property
+    def positions(self) -> dict[str, int]:
+        """Log key ("feature_log/<instance>") -> index of the next record to read."""
+        return dict(self._positions)
+
+    @property
     def buffered(self) -> int:
         return len(self._pending)
 
