@@ -212,3 +212,14 @@ def test_bench_apply_reports_both_sides():
     result = bench_apply(SCHEMA, rows=20_000, dim=8, rows_per_record=5_000)
     assert result["records"] == 4 and 0 < result["table_rows"] <= 20_000
     assert result["rows_per_s"] > 0 and result["encode_rows_per_s"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_updater_thread_reports_halted(runtime):
+    def open_reader(after_seq):
+        raise SystemExit  # escapes every handler: the thread ends
+
+    applier = DeltaApplier(runtime, open_reader).start()
+    wait_until(lambda: not applier.running, "the thread did not end")
+    assert applier.halted  # the gauge reads 1 although no halt reason was ever set
+    applier.stop()
