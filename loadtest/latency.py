@@ -16,8 +16,17 @@ same requests.
 Variants run in alternating short windows, so machine drift hits all alike:
     ranker            always
     ranker+updates    with --with-updates ROWS_PER_S: a synthetic producer
-                      writes that many rows/s of the request's own FIDs into
-                      the delta stream the ranker applies
+                      writes that many rows/s into the delta stream the
+                      ranker applies: half of them the requests' own FIDs
+                      (overwrites of rows being read), half FIDs never seen
+                      (inserts: the table grows, cuckoo paths displace
+                      rows); the rows/s the ranker really applied in each
+                      window come from its metrics
+                      (monolith_delta_rows_applied_total), beside the rate
+                      asked for
+A spawned server starts from a snapshot holding a row for every FID the
+requests use plus ``_SNAPSHOT_EXTRA_ROWS`` others, so lookups hit real rows
+in a table of realistic size.
     baseline          with --baseline: the trivial model, same tensors
 Every run is bounded by --duration-s and --max-requests.
 """
@@ -35,12 +44,36 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.histogram import LatencyHistogram
-from loadtest.stack import target_url
+from loadtest.stack import read_metric, target_url
 from server.client import InferError, RankerClient, rank_tensors
 from server.features import FeatureSchema
 from updater.tools import SyntheticProducer
 
 _THREADS_OPEN_LOOP = 16
+_SNAPSHOT_EXTRA_ROWS = 200_000
+_NEW_FID_SHARE = 0.5
+
+
+def _populate(schema: FeatureSchema, requests, seed: int):
+    """prepare(data_dir): a serving snapshot with a row for every requested FID and some more."""
+    def prepare(data_dir: Path) -> None:
+        from server.dense import build_dense
+        from server.snapshot import write_snapshot
+        from server.table import EmbeddingTable
+
+        rng = np.random.default_rng(seed)
+        pool = _request_fids(requests)
+        extra = np.uint64(10 << 48) | rng.integers(0, 1 << 48, _SNAPSHOT_EXTRA_ROWS, dtype=np.uint64)
+        fids = np.unique(np.concatenate([pool, extra]))
+        table = EmbeddingTable(schema.dim, capacity=int(fids.shape[0] / 0.9))
+        table.upsert(fids, rng.standard_normal((fids.shape[0], schema.dim), dtype=np.float32) * 0.1, now=time.time())
+        write_snapshot(data_dir, table, build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0)
+    return prepare
+
+
+def _request_fids(requests) -> np.ndarray:
+    pool = np.unique(np.concatenate([np.concatenate([u, i.ravel()]) for u, i in requests]))
+    return pool[pool != 0]
 
 
 def _requests(schema: FeatureSchema, n: int, candidates: int, seed: int):
@@ -125,6 +158,15 @@ def _window(url: str, protocol: str, model: str, requests, duration_s: float, ra
     return histogram, errors, elapsed, timeline
 
 
+def _rows_applied(metrics_url: str | None) -> float | None:
+    """The ranker's monolith_delta_rows_applied_total. The server refreshes it once a second,
+    so it is read after 1.5 s without feeding: every row fed before is applied and counted."""
+    if metrics_url is None:
+        return None
+    time.sleep(1.5)
+    return read_metric(metrics_url, "monolith_delta_rows_applied_total")
+
+
 def _server_stats(url: str, protocol: str, model: str, api_key: str | None = None) -> dict:
     with RankerClient(url, protocol, api_key=api_key) as client:
         stats = client.statistics(model)
@@ -143,21 +185,21 @@ def _breakdown(before: dict, after: dict) -> dict:
 def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: float | None, concurrency: int | None,
                 duration_s: float, warmup_s: float, candidates: int, with_updates: float | None, baseline: bool,
                 data_dir: str | None, arrival: str = "poisson", max_requests: int = 1_000_000, rounds: int = 3,
-                seed: int = 0, api_key: str | None = None) -> dict:
+                seed: int = 0, metrics_url: str | None = None, api_key: str | None = None) -> dict:
     if (rate is None) == (concurrency is None):
         raise ValueError("requires exactly one of --rate and --concurrency")
     requests = _requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
-        url, spawned_dir = target_url(stack, url, protocol, "latency")
-        data_dir = spawned_dir or data_dir
+        target = target_url(stack, url, protocol, "latency", prepare=_populate(schema, requests, seed))
+        url, data_dir, metrics_url = target.url, target.data_dir or data_dir, target.metrics_url or metrics_url
         producer = None
         if with_updates:
             if data_dir is None:
                 raise ValueError("--with-updates needs the server's --data-dir (or spawn one)")
-            pool = np.unique(np.concatenate([np.concatenate([u, i.ravel()]) for u, i in requests]))
             producer = SyntheticProducer(Path(data_dir) / "deltas", with_updates, dim=schema.dim,
-                                         fids=pool[pool != 0], interval_s=0.05, seed=seed)
+                                         fids=_request_fids(requests), interval_s=0.05, seed=seed,
+                                         new_share=_NEW_FID_SHARE)
             stack.callback(producer.close)
         variants = ["ranker"] + (["ranker+updates"] if producer else []) + (["baseline"] if baseline else [])
         print(f"[latency] warm-up {warmup_s:.0f} s", file=sys.stderr, flush=True)
@@ -172,7 +214,9 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
                 stop = threading.Event()
                 feeder = None
                 if variant == "ranker+updates":
+                    applied_before = _rows_applied(metrics_url)
                     feeder = threading.Thread(target=producer.run, args=(window_s + 1.0, stop))
+                    feeding_since = time.perf_counter()
                     feeder.start()
                 before = _server_stats(url, protocol, model, api_key)
                 hist, errors, elapsed, timeline = _window(url, protocol, model, requests, window_s, rate,
@@ -181,6 +225,10 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
                 stop.set()
                 if feeder is not None:
                     feeder.join()
+                    fed_s = time.perf_counter() - feeding_since
+                    if applied_before is not None:  # every row the ranker applied of this window's feed
+                        applied = (_rows_applied(metrics_url) - applied_before) / fed_s
+                        results[variant].setdefault("applied_rows_per_s", []).append(round(applied))
                 res = results[variant]
                 res["hist"].add(hist)
                 res["errors"].update(errors)
@@ -190,8 +238,10 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
                 res["server"].append(_breakdown(before, after))
         with RankerClient(url, protocol, api_key=api_key) as client:
             delta_seq_at_end = client.rank(*requests[0], request_id=b"lt-end")[1]
+        table_rows = read_metric(metrics_url, "monolith_table_rows") if metrics_url else None
     out = {"protocol": protocol, "candidates": candidates, "mode": "rate" if rate else "concurrency",
-           "rate": rate, "concurrency": concurrency, "duration_s": duration_s, "delta_seq_at_end": delta_seq_at_end}
+           "rate": rate, "concurrency": concurrency, "duration_s": duration_s, "delta_seq_at_end": delta_seq_at_end,
+           "table_rows_at_end": table_rows}
     for variant, res in results.items():
         summary = res["hist"].summary()
         server = {k: round(float(np.mean([s[k] for s in res["server"]])), 1) for k in res["server"][0]}
@@ -203,6 +253,9 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
     out.update({k: main[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "achieved_rps", "errors")})
     if "ranker+updates" in out:
         out["updates_rows_per_s"] = with_updates
+        applied = results["ranker+updates"].get("applied_rows_per_s")
+        out["ranker+updates"]["applied_rows_per_s_by_window"] = applied
+        out["applied_rows_per_s"] = round(float(np.mean(applied))) if applied and None not in applied else None
         out["p99_ratio_vs_no_updates"] = round(out["ranker+updates"]["p99_ms"] / main["p99_ms"], 3)
     if "baseline" in out:
         out["baseline_p50_ms"] = out["baseline"]["p50_ms"]
@@ -254,8 +307,11 @@ def format_report(result: dict) -> str:
                          f"p99.9 {r['p999_ms']:7.3f} ms  {r['achieved_rps']:8.1f} req/s  errors {r['errors']}  "
                          f"(server: queue {s['queue_us']} us, infer {s['compute_infer_us']} us)")
     if "p99_ratio_vs_no_updates" in result:
-        lines.append(f"  p99 with {result['updates_rows_per_s']:,.0f} rows/s of updates / without: "
-                     f"{result['p99_ratio_vs_no_updates']}")
+        applied = result.get("applied_rows_per_s")
+        lines.append(f"  p99 with {result['updates_rows_per_s']:,.0f} rows/s of updates asked ("
+                     + (f"{applied:,.0f} rows/s applied by the ranker" if applied is not None else
+                        "applied rows/s unknown: give --metrics-url")
+                     + f") / without: {result['p99_ratio_vs_no_updates']}")
     if "p50_ratio_vs_baseline" in result:
         lines.append(f"  ranker p50 / baseline p50: {result['p50_ratio_vs_baseline']}")
     return "\n".join(lines)

@@ -6,18 +6,22 @@ wall second, over a sliding window of user and item IDs, so new IDs keep
 arriving and the schema's 30-day TTLs expire old ones within the run: the
 tables must stay bounded by expiry. Every ``sample_s`` the soak records
 RSS of the server (tritonserver and its model stubs) and of the trainer,
-the ranker's table size, p99 latency of the last window, and a freshness
-probe. Growth figures compare the end with the end of warm-up (the first
-20% of the run).
+the ranker's table size, p99 latency of the last window, a freshness
+probe and the bytes of the data directory (the trainer runs retention after
+every snapshot, every 10 s here, with 1 MiB segments and 10 s of log
+retention). Growth figures compare the end with the end of warm-up (the
+first 20% of the run).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,11 @@ from server.features import FeatureSchema
 _SIM_SECONDS_PER_S = 86_400.0
 _IDS_PER_S = 200
 _ID_WINDOW = 2_000
+# Retention at soak scale: small segments, frequent snapshots, short log
+# retention, so that what retention deletes shows within minutes.
+_SEGMENT_BYTES = 1 << 20
+_SNAPSHOT_S = 10.0
+_LOG_RETENTION_S = 10.0
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -62,14 +71,43 @@ def _table_rows(metrics_url: str) -> int:
     return -1
 
 
+def disk_bytes(directory: str | Path) -> int:
+    """Bytes of every file under ``directory``."""
+    total = 0
+    for path in Path(directory).rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:  # deleted while we looked
+            pass
+    return total
+
+
+@contextmanager
+def _environment(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_soak(schema: FeatureSchema, minutes: float, clients: int = 2, sample_s: float = 10.0,
              data_dir: str | None = None) -> dict:
     duration_s = minutes * 60
-    with tempfile.TemporaryDirectory(prefix="monolith-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="monolith-soak-") as tmp, \
+            _environment(MONOLITH_SEGMENT_BYTES=str(_SEGMENT_BYTES)):
         tmp = data_dir or tmp
         with spawn_stack(tmp, window_s=2.0, negative_rate=0.2,
-                         trainer_args=("--expiry-interval-s", "5")) as (server, trainer):
+                         trainer_args=("--expiry-interval-s", "5", "--snapshot-interval-s", str(_SNAPSHOT_S),
+                                       "--log-retention-s", str(_LOG_RETENTION_S))) as (server, trainer):
             wait_trainer_ready(server.data_dir, trainer)
+            disk_at_start = disk_bytes(server.data_dir)
             started = time.monotonic()
             sim_start = 1.7e9
             stop = threading.Event()
@@ -123,6 +161,7 @@ def run_soak(schema: FeatureSchema, minutes: float, clients: int = 2, sample_s: 
                                   "server_rss_mb": round(tree_rss_bytes(server.process.pid) / 2**20, 1),
                                   "trainer_rss_mb": round(tree_rss_bytes(trainer.pid) / 2**20, 1),
                                   "table_rows": _table_rows(server.metrics_url), "p99_ms": p99,
+                                  "disk_bytes": disk_bytes(server.data_dir),
                                   "freshness_s": None if fresh is None else round(fresh, 3),
                                   "requests": total["requests"]}
                         samples.append(sample)
@@ -157,6 +196,9 @@ def run_soak(schema: FeatureSchema, minutes: float, clients: int = 2, sample_s: 
                            "end": end["trainer_rss_mb"]},
         "table_rows": {"warm": warm["table_rows"], "end": end["table_rows"],
                        "max": max(s["table_rows"] for s in samples)},
+        "disk_bytes": {"start": disk_at_start, "warm": warm["disk_bytes"], "end": end["disk_bytes"],
+                       "max": max(s["disk_bytes"] for s in samples)},
+        "disk_growth": growth("disk_bytes"),
         "freshness_failed": sum(s["freshness_s"] is None for s in samples),
         "freshness_p50_s": round(float(np.median(fresh)), 3) if fresh else None,
         "samples": samples,

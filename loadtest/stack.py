@@ -10,6 +10,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from server.supervisor import ServeProcess
 
@@ -56,13 +57,35 @@ def wait_trainer_ready(data_dir: Path, process, timeout_s: float = 60.0) -> None
     raise RuntimeError(f"trainer not up after {timeout_s} s")
 
 
-def target_url(stack, url: str | None, protocol: str, label: str) -> tuple[str, Path | None]:
+class Target(NamedTuple):
+    url: str
+    data_dir: Path | None  # the spawned server's (None for a given URL)
+    metrics_url: str | None  # the spawned server's (None for a given URL)
+
+
+def target_url(stack, url: str | None, protocol: str, label: str, prepare=None) -> Target:
     """``url`` as given, or the address of a server spawned on a temporary
-    data dir (stopped when ``stack``, an ExitStack, closes). Returns the URL
-    and the spawned server's data dir (None for a given URL)."""
+    data dir (stopped when ``stack``, an ExitStack, closes; ``prepare``, if
+    given, is called with the data dir before the server starts)."""
     if url is not None:
-        return url, None
+        return Target(url, None, None)
     data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"monolith-{label}-")))
+    if prepare is not None:
+        prepare(data_dir)
     print(f"[{label}] starting monolith-rt serve", file=sys.stderr, flush=True)
     server = stack.enter_context(ServeProcess(data_dir))
-    return (server.grpc_url if protocol == "grpc" else server.http_url), data_dir
+    return Target(server.grpc_url if protocol == "grpc" else server.http_url, data_dir, server.metrics_url)
+
+
+def read_metric(metrics_url: str, name: str, model: str = "ranker") -> float:
+    """The sum of a Prometheus metric over the instances of ``model``."""
+    import urllib.request
+
+    total, seen = 0.0, False
+    for line in urllib.request.urlopen(metrics_url, timeout=5).read().decode().splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    if not seen:
+        raise ValueError(f"metric {name} of model {model} is not exported at {metrics_url}")
+    return total

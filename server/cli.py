@@ -115,7 +115,8 @@ def _run_train(args: argparse.Namespace) -> int:
     config = OnlineConfig(sync_interval_s=args.sync_interval_ms / 1000, dense_interval_s=args.dense_interval_s,
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
-                          lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s)
+                          lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s,
+                          log_retention_s=args.log_retention_s)
     trainer = OnlineTrainer(schema, args.data_dir, config)
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -180,7 +181,7 @@ def _run_latency(args: argparse.Namespace) -> int:
         return 2
     result = run_latency(_schema(), None if args.spawn else args.url, args.protocol, args.rate, args.concurrency,
                          args.duration_s, args.warmup_s, args.candidates, args.with_updates, args.baseline,
-                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed,
+                         args.data_dir, args.arrival, args.max_requests, args.rounds, args.seed, args.metrics_url,
                          api_key=_api_key(args))
     if args.report:
         write_report(result, args.report)
@@ -196,12 +197,37 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from trainer.online import configure_torch
 
     configure_torch()
+    if args.name == "calibration":
+        from trainer.calibration import format_calibration, run_calibration
+
+        result = run_calibration(_schema(), args.quick)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "calibration.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        print(orjson.dumps(result).decode() if args.json else
+              format_calibration(result) + f"\n  written: {args.out}/calibration.json")
+        return 0
     run = experiments.run_collisions if args.name == "collisions" else experiments.run_sync_interval
     result = run(_schema(), args.seeds, args.quick)
     experiments.write_outputs(result, Path(args.out))
     print(orjson.dumps(result).decode() if args.json else
           experiments.format_table(result) + f"\n  written: {args.out}/{args.name}.json, {args.name}.png")
     return 0
+
+
+def _run_bench_apply(args: argparse.Namespace) -> int:
+    from updater.bench import bench_apply
+
+    result = bench_apply(_schema(), args.rows, args.dim, args.rows_per_record, args.seed)
+    print(orjson.dumps(result).decode() if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def _run_bench_feedback(args: argparse.Namespace) -> int:
+    from loadtest.feedback_bench import bench_feedback, format_feedback_report
+
+    result = bench_feedback(args.url, args.clients, args.window_s, args.rounds)
+    print(orjson.dumps(result).decode() if args.json else format_feedback_report(result))
+    return 0 if result["errors"] == 0 and result["one_client"]["errors"] == 0 else 1
 
 
 def _run_bench_recovery(args: argparse.Namespace) -> int:
@@ -222,7 +248,8 @@ def _run_soak(args: argparse.Namespace) -> int:
         print(f"soak {args.minutes} min: {result['requests']:,} requests, {result['errors']} errors; RSS growth "
               f"after warm-up: server {result['server_rss_growth']}, trainer {result['trainer_rss_growth']}; "
               f"RSS MB server {result['server_rss_mb']}, trainer {result['trainer_rss_mb']}; "
-              f"table rows {result['table_rows']}; freshness p50 {result['freshness_p50_s']} s")
+              f"table rows {result['table_rows']}; disk bytes {result['disk_bytes']}; "
+              f"freshness p50 {result['freshness_p50_s']} s")
     return 0 if result["errors"] == 0 else 1
 
 
@@ -367,9 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--expiry-interval-s", type=float, default=60.0,
                         help="seconds between per-slot TTL sweeps (default 60)")
     online.add_argument("--negative-rate", type=float, default=0.1,
-                        help="share of unclicked impressions kept as negatives (default 0.1)")
+                        help="share of unclicked impressions kept as negatives, each weighted 1/rate; 0: none, "
+                        "for feedback that labels negatives explicitly (default 0.1)")
     online.add_argument("--lr-sparse", type=float, default=0.05, help="Adagrad rate of embedding rows (default 0.05)")
     online.add_argument("--lr-dense", type=float, default=1e-4, help="Adam rate of dense weights (default 1e-4)")
+    online.add_argument("--log-retention-s", type=float, default=3600.0,
+                        help="feature/feedback log segments that the oldest kept checkpoint has read past are "
+                        "deleted once this old (default 3600); delta segments go once every kept snapshot and "
+                        "checkpoint is past them")
     online.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: never)")
     for p in (batch, online):
         p.set_defaults(run=_run_train)
@@ -390,12 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     experiment = commands.add_parser(
-        "experiment", help="the paper's findings on MovieLens-100K: collisions, sync-interval",
+        "experiment", help="the paper's findings on MovieLens-100K: collisions, sync-interval; calibration",
         description="collisions: collisionless table vs FIDs hashed into 1/2, 1/4, 1/8 as many rows (AUC on "
         "the time-ordered last 20%%). sync-interval: batch on the first half, then online training with K "
         "sparse syncs to a serving table, AUC of served scores (prequential). Several seeds, mean +- std; "
-        "prints a table, writes JSON and a PNG.")
-    experiment.add_argument("name", choices=("collisions", "sync-interval"), help="which experiment")
+        "prints a table, writes JSON and a PNG. calibration: online training with negatives kept at 1.0, "
+        "0.5, 0.1 on MovieLens-100K and a synthetic stream of known click rates; mean served score, observed "
+        "rate, their ratio and the ECE (10 bins) of held-out served scores per rate (JSON only).")
+    experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration"), help="which experiment")
     experiment.add_argument("--seeds", type=_positive_int, default=3, help="seeds (default 3)")
     experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")
@@ -427,9 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cap per window (default 1000000)")
     latency.add_argument("--candidates", type=_positive_int, default=100, help="candidates per request (default 100)")
     latency.add_argument("--with-updates", type=float, default=None, metavar="ROWS_PER_S",
-                         help="also measure while a producer streams this many rows/s of deltas")
+                         help="also measure while a producer streams this many rows/s of deltas (half overwrites "
+                         "of requested rows, half new rows); reports the rows/s the ranker applied")
     latency.add_argument("--baseline", action="store_true", help="also measure the trivial baseline model")
     latency.add_argument("--data-dir", default=None, help="the --url server's data dir (for --with-updates)")
+    latency.add_argument("--metrics-url", default=None,
+                         help="the --url server's metrics URL, for the rows/s it applied (spawned: its own)")
     latency.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     latency.add_argument("--json", action="store_true", help="print one JSON object")
     latency.add_argument("--report", default=None, help="write latency.json and latency.png here")
@@ -515,6 +552,31 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--batch", type=_positive_int, default=1024, help="examples per step (default 1024)")
     train_bench.add_argument("--json", action="store_true", help="print one JSON object")
     train_bench.set_defaults(run=_run_bench_train)
+
+    apply = bench_kinds.add_parser(
+        "apply", help="delta updater: read + decode + apply rows/s vs encoding the same rows",
+        description="Writes --rows rows of sparse delta records (FIDs from a pool of --rows IDs: inserts and "
+        "overwrites) to a delta stream, then times the updater path (segment log read, CRC, decode, validation, "
+        "upserts into a live ranker table) against encoding the same records, one thread each, same run.")
+    apply.add_argument("--rows", type=_positive_int, default=1_000_000, help="rows in all (default 1000000)")
+    apply.add_argument("--dim", type=_positive_int, default=16, help="row length (default 16)")
+    apply.add_argument("--rows-per-record", type=_positive_int, default=10_000,
+                       help="rows per delta record (default 10000: 50,000 rows/s at a 200 ms sync)")
+    apply.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    apply.add_argument("--json", action="store_true", help="print one JSON object")
+    apply.set_defaults(run=_run_bench_apply)
+
+    feedback = bench_kinds.add_parser(
+        "feedback", help="durable feedback acknowledgements/s with many clients vs one",
+        description="Closed-loop gRPC clients send feedback (one click each); an acknowledgement means the action "
+        "is fsynced. Measures --clients clients against one client on the same server, in alternating windows "
+        "of the same run: acks/s, p50 and p99 latency. Spawns a server unless --url is given.")
+    feedback.add_argument("--url", default=None, help="host:port (gRPC) of a running server (default: spawn one)")
+    feedback.add_argument("--clients", type=_positive_int, default=8, help="concurrent clients (default 8)")
+    feedback.add_argument("--window-s", type=float, default=5.0, help="seconds per window (default 5)")
+    feedback.add_argument("--rounds", type=_positive_int, default=2, help="windows per variant (default 2)")
+    feedback.add_argument("--json", action="store_true", help="print one JSON object")
+    feedback.set_defaults(run=_run_bench_feedback)
 
     recovery = bench_kinds.add_parser(
         "recovery", help="restart time with a large snapshot plus a minute of deltas",

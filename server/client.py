@@ -102,14 +102,14 @@ class RankerClient:
 
     def feedback(self, request_id: bytes, item_fids, labels, event_time_s: float | None = None) -> int:
         """Sends actions; returns how many the server durably accepted."""
-        tensors = {
-            "request_id": np.array([request_id], dtype=np.object_),
-            "item_fids": np.asarray(item_fids, dtype=np.uint64).reshape(-1),
-            "labels": np.asarray(labels, dtype=np.float32).reshape(-1),
+        tensors = {  # a batch dimension of 1, as for the ranker (Triton batches concurrent requests)
+            "request_id": np.array([[request_id]], dtype=np.object_),
+            "item_fids": np.asarray(item_fids, dtype=np.uint64).reshape(1, -1),
+            "labels": np.asarray(labels, dtype=np.float32).reshape(1, -1),
         }
         if event_time_s is not None:
-            tensors["event_time"] = np.array([event_time_s], dtype=np.float64)
-        return int(self.infer("feedback", tensors, ["accepted"])["accepted"][0])
+            tensors["event_time"] = np.array([[event_time_s]], dtype=np.float64)
+        return int(self.infer("feedback", tensors, ["accepted"])["accepted"][0, 0])
 
     def close(self) -> None:
         self._client.close()

@@ -3,8 +3,10 @@
 An action names the request it answers (request_id), the candidate's item FID
 and a label (a click = 1.0, a rating, a watch fraction...). One request may
 carry M actions of one ranking request. The response is sent only after the
-feedback log has the record on disk (group commit), so an acknowledged action
-is never lost.
+feedback log has the record on disk, so an acknowledged action is never
+lost. Group commit: Triton batches concurrent feedback requests (dynamic
+batching, ragged inputs), the model queues all of a batch's records and
+waits once, and one fsync covers them all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from server.features import PAD_FID
 from server.ranker import RequestError, _expect, parse_request_id, parse_time
 from server.records import FeedbackRecord
-from server.segment_log import BackgroundAppender, SegmentLogWriter
+from server.segment_log import BackgroundAppender, SegmentLogWriter, segment_bytes_from_env
 from server.table import EMPTY_KEY
 
 MAX_ACTIONS = 1024
@@ -42,13 +44,20 @@ def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float
 
 class FeedbackRuntime:
     def __init__(self, data_dir: str | Path, instance: str):
-        writer = SegmentLogWriter(Path(data_dir) / "feedback_log" / instance, fsync="batch")
+        writer = SegmentLogWriter(Path(data_dir) / "feedback_log" / instance, fsync="batch",
+                                  segment_bytes=segment_bytes_from_env())
         self.log = BackgroundAppender(writer, max_queue=FEEDBACK_LOG_QUEUE, name=f"feedback-log-{instance}")
         self.rejected = 0
 
     def append(self, record: FeedbackRecord, timeout_s: float = 5.0) -> bool:
         """True once the record is durable; False if the log stayed full for timeout_s."""
         return self.log.submit(record.encode(), wait=True, timeout_s=timeout_s)
+
+    def append_all(self, records: list[FeedbackRecord], timeout_s: float = 5.0) -> list[bool | Exception]:
+        """Every record queued, then one wait until all are durable: concurrent
+        requests that Triton batched share one fsync. Per record: True
+        (durable), False (log stayed full for timeout_s) or the write error."""
+        return self.log.submit_all([r.encode() for r in records], timeout_s=timeout_s)
 
     def close(self) -> None:
         self.log.close()

@@ -49,6 +49,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ from pathlib import Path
 
 from server.durable import fsync_path
 
-__all__ = ["BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter"]
+__all__ = ["BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter",
+           "delete_sealed_segments", "segment_bytes_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -312,16 +314,7 @@ class SegmentLogWriter:
         """Delete the segments all of whose records have index < ``record_index`` (never the newest)."""
         with self._lock:
             self._check_usable()
-            names = _list_segments(self.directory)
-            deleted = []
-            for first, following in zip(names, names[1:]):
-                if following > record_index:
-                    break
-                deleted.append(_segment_path(self.directory, first))
-                deleted[-1].unlink()
-            if deleted and self._fsync != "never":
-                fsync_path(self.directory)
-            return deleted
+            return delete_sealed_segments(self.directory, record_index, fsync=self._fsync != "never")
 
     def close(self) -> None:
         """Sync (unless fsync="never") and release the directory; idempotent."""
@@ -342,6 +335,43 @@ class SegmentLogWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def delete_sealed_segments(directory, before_record: int, min_age_s: float = 0.0, fsync: bool = True) -> list[Path]:
+    """Retention: deletes the sealed segments (never the newest) all of whose
+    records have index < ``before_record`` and that were last written at
+    least ``min_age_s`` ago, oldest first, stopping at the first that must
+    stay (so the log keeps no hole). Safe beside the one writer (it never
+    touches a sealed segment) and beside readers (an open segment stays
+    readable; a reader that must open a deleted one fails with ValueError)."""
+    directory = Path(directory)
+    names = _list_segments(directory)
+    horizon = time.time() - min_age_s
+    deleted = []
+    for first, following in zip(names, names[1:]):
+        path = _segment_path(directory, first)
+        if following > before_record or path.stat().st_mtime > horizon:
+            break
+        path.unlink()
+        deleted.append(path)
+    if deleted and fsync:
+        fsync_path(directory)
+    return deleted
+
+
+def segment_bytes_from_env(default: int = 64 << 20) -> int:
+    """Segment size of the server's and trainer's logs: $MONOLITH_SEGMENT_BYTES, else ``default``.
+    Smaller segments let retention free disk sooner (it deletes whole sealed segments)."""
+    text = os.environ.get("MONOLITH_SEGMENT_BYTES")
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 4096:
+        raise ValueError(f"MONOLITH_SEGMENT_BYTES requires an integer >= 4096, got {text!r}")
+    return value
 
 
 class SegmentLogReader:
@@ -501,6 +531,26 @@ class BackgroundAppender:
         """Queue one record. If the queue stays full for ``timeout_s`` (None: until
         space), count it in ``shed`` and return False. With ``wait=True``, return once
         the record is appended and synced, or raise the writer's exception."""
+        if not wait:
+            return self._enqueue(payload, None, timeout_s) is not None
+        (outcome,) = self.submit_all([payload], timeout_s=timeout_s)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit_all(self, payloads: list[bytes], *, timeout_s: float | None = None) -> list[bool | Exception]:
+        """Queues every record, then waits until all are appended and synced:
+        one sync can cover them all (group commit across the caller's batch).
+        Per record: True (durable), False (shed: the queue stayed full for
+        ``timeout_s``) or the writer's exception."""
+        tickets = [self._enqueue(payload, [None], timeout_s) for payload in payloads]
+        last = max((t[0] for t in tickets if t is not None), default=0)
+        with self._lock:
+            self._progress.wait_for(lambda: self._completed >= last)
+        return [False if t is None else (t[1][0] if t[1][0] is not None else True) for t in tickets]
+
+    def _enqueue(self, payload: bytes, ticket: list | None, timeout_s: float | None) -> tuple[int, list | None] | None:
+        """(sequence, ticket) of the queued record, or None if it was shed."""
         if (n := len(payload)) > (limit := self._writer.max_payload_bytes):
             raise ValueError(f"payload of {n} bytes exceeds max_payload_bytes={limit}")
         with self._lock:
@@ -510,17 +560,11 @@ class BackgroundAppender:
                 raise RuntimeError(f"BackgroundAppender {self.name!r} is closed")
             if len(self._queue) >= self._max_queue:
                 self.shed += 1
-                return False
+                return None
             self._submitted += 1
-            seq, ticket = self._submitted, [None] if wait else None
-            self._queue.append((seq, payload, ticket))
+            self._queue.append((self._submitted, payload, ticket))
             self._nonempty.notify()
-            if ticket is None:
-                return True
-            self._progress.wait_for(lambda: self._completed >= seq)
-        if ticket[0] is not None:
-            raise ticket[0]
-        return True
+            return self._submitted, ticket
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything submitted so far is appended and synced; False on timeout."""

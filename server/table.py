@@ -375,6 +375,20 @@ class EmbeddingTable:
         if len(self) != keys.shape[0]:
             raise SnapshotError(f"{path}: holds duplicate keys ({keys.shape[0]} entries, {len(self)} distinct)")
 
+    @property
+    def sketch(self) -> np.ndarray:
+        """The admission sketch, uint16[depth, width] (a copy)."""
+        with self._write_lock:
+            return self._sketch.copy()
+
+    def restore_sketch(self, sketch: np.ndarray) -> None:
+        """Replaces the admission sketch with one taken from ``sketch`` (same shape)."""
+        sketch = np.asarray(sketch)
+        if sketch.shape != self._sketch.shape or sketch.dtype != np.uint16:
+            raise ValueError(f"sketch requires uint16{list(self._sketch.shape)}, got {sketch.dtype}{list(sketch.shape)}")
+        with self._write_lock:
+            self._sketch = np.ascontiguousarray(sketch).copy()
+
     # ---------------------------------------------------------------- private
 
     def admit(self, fids, min_counts) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""The paper's two experiments, in their --quick form."""
+"""The paper's two experiments, in their --quick form, and calibration."""
 
 import numpy as np
+import pytest
 
 from server.features import load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY
+from trainer.calibration import expected_calibration_error, run_calibration
 from trainer.experiments import _hashed, run_collisions, run_sync_interval, write_outputs
 
 SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
@@ -31,7 +33,31 @@ def test_collisions_quick(tmp_path):
 def test_sync_interval_quick():
     result = run_sync_interval(SCHEMA, seeds=1, quick=True)
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["batch-only", "online-syncs-1", "online-syncs-10", "online-syncs-50"]
+    assert list(rows) == ["batch-only", "online-syncs-1", "online-syncs-10", "online-syncs-50", "trainer-live"]
+    assert {r["batch_size"] for r in rows.values()} == {100}  # one batch size for every variant
     # One sync at the very end serves the batch model throughout: identical scores.
     assert rows["online-syncs-1"]["auc_mean"] == rows["batch-only"]["auc_mean"]
     assert rows["online-syncs-50"]["auc_mean"] != rows["batch-only"]["auc_mean"]
+
+
+def test_ece_is_the_binned_gap(rng):
+    scores = rng.random(1000)
+    labels = (rng.random(1000) < 0.3).astype(float)
+    gap = 0.0
+    for b in range(10):
+        inside = (scores >= b / 10) & (scores < (b + 1) / 10)
+        if inside.any():
+            gap += inside.mean() * abs(scores[inside].mean() - labels[inside].mean())
+    assert expected_calibration_error(labels, scores) == pytest.approx(gap)
+
+
+def test_served_scores_are_calibrated_at_every_negative_rate():
+    """Synthetic stream of known per-item click rates, negatives kept at 1.0,
+    0.5 and 0.1: the held-out served scores average the observed rate and
+    match it bin by bin (a correction on the negatives alone gives ~2.7x at 0.1)."""
+    result = run_calibration(SCHEMA, quick=True, datasets=("synthetic",))
+    assert [r["negative_rate"] for r in result["rows"]] == [1.0, 0.5, 0.1]
+    for row in result["rows"]:
+        assert {"negative_rate", "mean_pred", "observed_rate", "ratio", "ece"} <= row.keys()
+        assert 0.9 <= row["ratio"] <= 1.1, row
+        assert row["ece"] <= 0.02, row

@@ -13,7 +13,8 @@ from server.dense import build_dense
 from server.features import PAD_FID, load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 from server.segment_log import SegmentLogWriter
-from server.snapshot import load_latest_snapshot
+from server.snapshot import load_latest_snapshot, write_snapshot
+from server.table import EmbeddingTable
 from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 from updater.tools import SyntheticProducer, scan
@@ -139,5 +140,17 @@ def test_corrupt_delta_is_refused_and_serving_continues(server):
         wait_metric(server, "monolith_delta_updater_halted", 1)
         scores, seq = client.rank(USER, ITEMS, request_id=b"after-corrupt")
         assert seq == 1 and scores.shape == (10,)
-    wait_metric(server, "monolith_delta_records_rejected_total", 1)
-    assert "delta updater halted" in server.log_path.read_text()
+        wait_metric(server, "monolith_delta_records_rejected_total", 1)
+        wait_metric(server, "monolith_delta_updater_halts_total", 1)
+        assert "delta updater halted" in server.log_path.read_text()
+        # A snapshot past the bad record heals it: loaded in place, serving goes on from there.
+        table = EmbeddingTable(SCHEMA.dim)
+        table.upsert(USER[:1], np.full((1, SCHEMA.dim), 0.25, np.float32), now=time.time())
+        write_snapshot(server.data_dir, table, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict(), 2)
+        with SegmentLogWriter(server.data_dir / "deltas") as raw:
+            raw.append(DeltaRecord.sparse(3, time.time(), USER[1:2], np.ones((1, SCHEMA.dim), np.float32)).encode())
+        _, seq = wait_for_seq(client, 3)
+        assert seq == 3
+        wait_metric(server, "monolith_delta_updater_halted", 0)
+        wait_metric(server, "monolith_delta_snapshot_reloads_total", 1)
+    assert loads_in_log(server) == 1

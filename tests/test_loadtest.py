@@ -52,6 +52,8 @@ def test_short_spawned_latency_run(tmp_path):
     assert 0 < saved["p50_ms"] <= saved["p90_ms"] <= saved["p99_ms"] <= saved["p999_ms"]
     assert 100 < saved["achieved_rps"] < 200
     assert saved["delta_seq_at_end"] > 0, "the updates never reached the ranker"
+    assert saved["applied_rows_per_s"] > 0  # from the ranker's metrics, not the rate asked for
+    assert saved["table_rows_at_end"] > 200_000  # started from a populated snapshot, grown by new rows
     assert saved["ranker"]["server_side"]["compute_infer_us"] > 0
 
 
@@ -68,6 +70,7 @@ def test_short_demo_run(tmp_path):
                        sync_interval_ms=200.0)
     assert summary["errors"] == 0 and summary["requests"] > 200
     assert 0.5 < summary["served_auc"] < 1.0 and 0.5 < summary["batch_only_auc"] < 1.0
+    assert len(summary["served_auc_by_tenth"]) == len(summary["batch_only_auc_by_tenth"]) == 10
     assert summary["freshness"]["probes"] >= 1 and summary["freshness"]["failed"] == 0
     assert summary["latency_ms"]["count"] == summary["requests"]
     for name in ("summary.json", "latency.png", "quality.png"):
@@ -83,3 +86,4 @@ def test_short_soak():
     assert result["freshness_failed"] == 0
     assert result["server_rss_mb"]["end"] > 100 and result["trainer_rss_mb"]["end"] > 100
     assert -0.5 < result["server_rss_growth"] < 0.5 and -0.5 < result["trainer_rss_growth"] < 0.5
+    assert 0 < result["disk_bytes"]["start"] <= result["disk_bytes"]["max"]

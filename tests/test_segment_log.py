@@ -603,5 +603,20 @@ def test_appender_close_is_idempotent_and_final(tmp_path):
         writer.append(b"late")
     assert [p for _, p in read_all(tmp_path)] == [b"%d" % i for i in range(100)]
     assert segment_log.__all__ == [
-        "BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter"
+        "BackgroundAppender", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter",
+        "delete_sealed_segments", "segment_bytes_from_env",
     ]
+
+
+def test_retention_deletes_only_sealed_old_enough_segments_before_a_record(tmp_path):
+    with SegmentLogWriter(tmp_path, segment_bytes=64) as writer:
+        for i in range(10):
+            writer.append(b"x" * 40)  # one record per segment
+    firsts = lambda: sorted(int(p.stem) for p in tmp_path.glob("*.seg"))  # noqa: E731
+    assert segment_log.delete_sealed_segments(tmp_path, 100, min_age_s=3600) == []  # too young
+    assert len(segment_log.delete_sealed_segments(tmp_path, 4)) == 4
+    assert firsts() == list(range(4, 10))
+    segment_log.delete_sealed_segments(tmp_path, 100)
+    assert firsts() == [9]  # never the newest
+    with SegmentLogReader(tmp_path, start_record=9) as reader:
+        assert len(reader.read()) == 1

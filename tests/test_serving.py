@@ -145,15 +145,48 @@ def test_feedback_is_durable_before_ack(server, client):
     assert mine[0].event_time_s == 1_700_000_100.0 and mine[0].accepted_time_s > 1_700_000_100.0
 
 
+def test_concurrent_feedback_shares_fsyncs_and_is_durable_when_acked(server):
+    """8 clients at once: Triton hands the feedback model several requests
+    per execution (one fsync for all of them), and every acknowledged
+    action is in the log at the moment of its acknowledgement."""
+    def stats():
+        with RankerClient(server.grpc_url, "grpc") as c:
+            s = c.raw.get_inference_statistics("feedback", as_json=True)["model_stats"][0]
+        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+    before = stats()
+    missing = []
+
+    def client_thread(c):
+        with RankerClient(server.grpc_url, "grpc") as conn:
+            for k in range(60):
+                rid = f"group-{c}-{k}".encode()
+                assert conn.feedback(rid, [fid(10, k + 1)], [1.0]) == 1
+                if k % 20 == 0 and not read_log(server.data_dir / "feedback_log", FeedbackRecord.decode, rid,
+                                                timeout_s=0):
+                    missing.append(rid)
+
+    threads = [threading.Thread(target=client_thread, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    inferences, executions = (a - b for a, b in zip(stats(), before))
+    assert inferences == 480 and not missing
+    assert executions < inferences, "no two concurrent feedback requests shared an execution (and its fsync)"
+
+
 @pytest.mark.parametrize(
     "tensors, message",
     [
+        ({"request_id": np.array([[b"r"]], np.object_), "item_fids": np.array([[5]], np.uint64),
+          "labels": np.array([[1.0, 2.0]], np.float32)}, "one label per item FID"),
+        ({"request_id": np.array([[b"r"]], np.object_), "item_fids": np.array([[0]], np.uint64),
+          "labels": np.array([[1.0]], np.float32)}, "reserved value"),
+        ({"request_id": np.array([[b"r"]], np.object_), "item_fids": np.array([[5]], np.uint64),
+          "labels": np.array([[np.inf]], np.float32)}, "finite"),
         ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([5], np.uint64),
-          "labels": np.array([1.0, 2.0], np.float32)}, "one label per item FID"),
-        ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([0], np.uint64),
-          "labels": np.array([1.0], np.float32)}, "reserved value"),
-        ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([5], np.uint64),
-          "labels": np.array([np.inf], np.float32)}, "finite"),
+          "labels": np.array([1.0], np.float32)}, "batch"),
     ],
 )
 def test_bad_feedback_is_refused(client, tensors, message):

@@ -3,8 +3,11 @@
     <data_dir>/trainer/<delta_seq:020d>/
         table.snap    rows with their Adagrad accumulators (EmbeddingTable format)
         dense.bin     dense weights and Adam state (server.tensor_io format)
-        joiner.bin    log read positions and the join buffer (trainer.joiner)
-        meta.json     {"delta_seq", "steps", "created_s"}
+        joiner.bin    log read positions, the join buffer, the sampler's
+                      random state (trainer.joiner)
+        sketch.bin    the admission sketch (zlib-compressed uint16[depth, width])
+        meta.json     {"delta_seq", "steps", "created_s", "counters",
+                       "positions": the joiner's next record per log}
 
 Written like serving snapshots (temp dir, fsync, rename), so a kill -9 at
 any moment leaves the previous checkpoint whole. Every checkpoint is taken
@@ -16,9 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import struct
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from server.snapshot import atomic_directory, complete_dirs
@@ -47,11 +53,20 @@ def save_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None, delta_
         model.table.save(tmp / "table.snap")
         (tmp / "dense.bin").write_bytes(encode_tensors(tensors))
         (tmp / "joiner.bin").write_bytes(joiner.state() if joiner is not None else b"")
+        sketch = model.table.sketch
+        (tmp / "sketch.bin").write_bytes(struct.pack("<II", *sketch.shape) + zlib.compress(sketch.tobytes(), 1))
         (tmp / "meta.json").write_text(json.dumps({"delta_seq": int(delta_seq), "steps": model.steps,
-                                                   "created_s": time.time(), "counters": counters or {}}))
+                                                   "created_s": time.time(), "counters": counters or {},
+                                                   "positions": joiner.positions if joiner is not None else {}}))
     for old in list_checkpoints(data_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _read_sketch(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    depth, width = struct.unpack_from("<II", data)
+    return np.frombuffer(zlib.decompress(data[8:]), dtype=np.uint16).reshape(depth, width)
 
 
 def list_checkpoints(data_dir) -> list[Path]:
@@ -67,11 +82,13 @@ def load_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None) -> dic
             table = EmbeddingTable.load(path / "table.snap")
             tensors = decode_tensors((path / "dense.bin").read_bytes())
             joiner_state = (path / "joiner.bin").read_bytes()
-        except (OSError, ValueError, KeyError, SnapshotError) as exc:
+            sketch = _read_sketch(path / "sketch.bin")
+        except (OSError, ValueError, KeyError, SnapshotError, zlib.error) as exc:
             log.error("trainer checkpoint %s is unreadable (%s); trying an older one", path, exc)
             continue
         if table.dim != model.table.dim:
             raise ValueError(f"checkpoint {path} has row dim {table.dim}, the model requires {model.table.dim}")
+        table.restore_sketch(sketch)
         model.table = table
         model.dense.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("dense.")})
         optimizer_state = model.optimizer.state_dict()

@@ -12,12 +12,16 @@ collisions
     with a fixed-size hashed table (the paper: MD5 into a smaller space).
 
 sync-interval
-    Batch-train on the first half, then train online on the second half
-    while a separate serving table receives the trainer's sparse deltas K
-    times (the online half split into K equal intervals); each example is
-    scored by the serving side before the trainer sees it (prequential).
-    ``batch-only`` serves the batch model throughout. The served dense
-    weights stay those of the batch phase (Monolith syncs dense daily).
+    Batch-train on the first half (micro-batches of 1024), then train online
+    on the second half in micro-batches of 100 (the same for every variant,
+    reported per row as ``batch_size``) while separate serving tables
+    receive the trainer's touched rows K times (after every len/K
+    micro-batches; one trainer feeds every variant, so they differ only in
+    when serving sees its rows). Each micro-batch is scored by each serving
+    side before the trainer sees it (prequential). ``batch-only`` serves the
+    batch model throughout; ``trainer-live`` scores with the trainer's own
+    live table and dense weights, the upper bound of syncing. The served
+    dense weights stay those of the batch phase (Monolith syncs dense daily).
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ from server.features import PAD_FID, FeatureSchema
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples, load_movielens
 from trainer.model import TrainerModel, auc
+from updater.delta import DeltaRecord
 
 _BATCH = 1024
+# One online micro-batch size for every sync-interval variant, small enough
+# for the most frequent (500 syncs over ~50,000 examples: one per batch).
+_ONLINE_BATCH = 100
 _SYNC_COUNTS = (1, 10, 50, 100, 500)
 _HASH_FRACTIONS = (2, 4, 8)
 
@@ -59,6 +67,15 @@ def _train(model: TrainerModel, ex: Examples, user: np.ndarray, items: np.ndarra
     for s in range(start, stop, _BATCH):
         e = min(stop, s + _BATCH)
         model.train_step(user[s:e], items[s:e], ex.labels[s:e], now=float(ex.times[e - 1]))
+
+
+def apply_delta(serving: TrainerModel, record) -> None:
+    """A sparse delta into a serving-side model, as the updater applies it:
+    absolute rows (embedding half), then deletes."""
+    rows = serving.table.lookup(record.fids)
+    rows[:, : serving.dim] = record.values
+    serving.table.upsert(record.fids, rows, now=record.created_s)
+    serving.table.delete(record.evicted)
 
 
 def _summarize(name: str, results: dict[str, list[float]]) -> dict:
@@ -90,12 +107,31 @@ def run_collisions(schema: FeatureSchema, seeds: int, quick: bool, examples: Exa
     return out
 
 
+class _Follower:
+    """A serving-side model that takes the trainer's touched rows every so many micro-batches."""
+
+    def __init__(self, serving: TrainerModel, sync_after: set[int]):
+        self.serving = serving
+        self.sync_after = sync_after
+        self.pending: list[np.ndarray] = []
+        self.served: list[np.ndarray] = []
+
+    def sync(self, trainer: TrainerModel, seq: int, created_s: float) -> None:
+        """Absolute rows of every FID touched since the last sync (deletes for gone ones)."""
+        fids = np.unique(np.concatenate(self.pending)) if self.pending else np.empty(0, np.uint64)
+        self.pending = []
+        rows, found = trainer.table.lookup_found(fids)
+        apply_delta(self.serving, DeltaRecord.sparse(seq, created_s, fids[found], rows[found, : trainer.dim],
+                                                     fids[~found]))
+
+
 def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: Examples | None = None) -> dict:
     ex = examples or load_movielens(schema)
     if quick:
         ex = ex.slice(0, 20_000)
     half = len(ex) // 2
     counts = (1, 10, 50) if quick else _SYNC_COUNTS
+    starts = list(range(half, len(ex), _ONLINE_BATCH))
     results: dict[str, list[float]] = {}
     work = Path(tempfile.mkdtemp(prefix="monolith-sync-"))
     try:
@@ -108,43 +144,56 @@ def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: 
                 auc(tail_labels, base.predict(ex.user_fids[half:], ex.item_fids[half:])))
             print(f"[sync-interval] seed {seed}: batch-only AUC {results['batch-only'][-1]:.4f}", file=sys.stderr,
                   flush=True)
-            for k in counts:
-                trainer = _model(schema, seed)
-                load_checkpoint(work / f"seed{seed}", trainer, None)
-                trainer.lr_sparse = 0.05
-                for group in trainer.optimizer.param_groups:
-                    group["lr"] = 1e-4
-                serving = _model(schema, seed)  # serving side: batch rows + batch dense, then deltas
+            trainer = _model(schema, seed)
+            load_checkpoint(work / f"seed{seed}", trainer, None)
+            trainer.lr_sparse = 0.05
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = 1e-4
+            trainer.take_delta(0)
+            followers = {}
+            for k in counts:  # serving side: batch rows + batch dense, then a sync after every len/k batches
+                serving = _model(schema, seed)
                 load_checkpoint(work / f"seed{seed}", serving, None)
-                trainer.take_delta(0)
-                bounds = np.linspace(half, len(ex), k + 1).astype(int)
-                served = []
-                seq = 0
-                for a, b in zip(bounds[:-1], bounds[1:]):
-                    served.append(serving.predict(ex.user_fids[a:b], ex.item_fids[a:b]))
-                    _train(trainer, ex, ex.user_fids, ex.item_fids, a, b)
-                    seq += 1
-                    record = trainer.take_delta(seq)
-                    if record is not None:  # applied as the updater applies it: absolute rows, then deletes
-                        rows = serving.table.lookup(record.fids)
-                        rows[:, : schema.dim] = record.values
-                        serving.table.upsert(record.fids, rows, now=record.created_s)
-                        serving.table.delete(record.evicted)
-                score = auc(tail_labels, np.concatenate(served))
+                after = set(np.linspace(0, len(starts), k + 1).astype(int)[1:] - 1)
+                followers[k] = _Follower(serving, after)
+            live = []
+            for index, a in enumerate(starts):
+                b = min(len(ex), a + _ONLINE_BATCH)
+                for follower in followers.values():
+                    follower.served.append(follower.serving.predict(ex.user_fids[a:b], ex.item_fids[a:b]))
+                live.append(trainer.predict(ex.user_fids[a:b], ex.item_fids[a:b]))
+                _train(trainer, ex, ex.user_fids, ex.item_fids, a, b)
+                record = trainer.take_delta(index + 1)
+                for follower in followers.values():
+                    if record is not None:
+                        follower.pending.append(np.concatenate([record.fids, record.evicted]))
+                    if index in follower.sync_after:
+                        follower.sync(trainer, index + 1, float(ex.times[b - 1]))
+            for k, follower in followers.items():
+                score = auc(tail_labels, np.concatenate(follower.served))
                 results.setdefault(f"online-syncs-{k}", []).append(score)
                 print(f"[sync-interval] seed {seed}: {k:>4} syncs AUC {score:.4f}", file=sys.stderr, flush=True)
+            score = auc(tail_labels, np.concatenate(live))
+            results.setdefault("trainer-live", []).append(score)
+            print(f"[sync-interval] seed {seed}: trainer-live AUC {score:.4f}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = _summarize("sync-interval", results)
-    out.update({"batch_examples": half, "online_examples": len(ex) - half})
+    for row in out["rows"]:
+        row["batch_size"] = _ONLINE_BATCH
+    out.update({"batch_examples": half, "online_examples": len(ex) - half, "batch_size": _ONLINE_BATCH,
+                "batch_phase_batch_size": _BATCH})
     return out
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['experiment']} (MovieLens-100K, time-ordered)", f"  {'variant':<18} {'AUC mean':>9} "
              f"{'std':>7} {'seeds':>6}"]
+    if "batch_size" in result:
+        lines[1] += f" {'batch_size':>11}"
     for row in result["rows"]:
-        lines.append(f"  {row['variant']:<18} {row['auc_mean']:>9.4f} {row['auc_std']:>7.4f} {row['seeds']:>6}")
+        lines.append(f"  {row['variant']:<18} {row['auc_mean']:>9.4f} {row['auc_std']:>7.4f} {row['seeds']:>6}"
+                     + (f" {row['batch_size']:>11}" if "batch_size" in row else ""))
     return "\n".join(lines)
 
 

@@ -10,24 +10,53 @@ reads it:
     the window closes    -> every candidate that got no action becomes a
                             negative with probability ``negative_rate``,
                             carrying that rate as its sample rate (the trainer
-                            corrects the logit for it)
-    action before request-> held (the two logs are read independently) until
-                            the request arrives or the window passes
+                            weights it by 1 / rate); at rate 0 none does
+                            (feedback that labels negatives explicitly)
+    action before request-> held until the request arrives, or until the
+                            window passes *and* the feature logs have been
+                            read past the action's event time + window (or
+                            to their end): then an orphan
     action after close   -> counted in ``late`` (and ``orphans`` if its
                             request was never seen), not trained on
+
+Aligned readers. After an outage both logs hold a backlog and each poll
+reads at most ``max_records`` of each log, so one log could run ahead of the
+other by many windows: actions would expire before their impression is read
+and the impression become a sampled negative (or the reverse). So each log
+has a *frontier*, the newest event time read from it (request time for
+features, event time for feedback), and is at its end when its last read
+came back short. The frontier of a kind (feature or feedback) is the lowest
+frontier among its logs not at their end (+inf when all are). Then:
+
+    a log is read          only while its frontier is at most the other
+                           kind's frontier + window_s: neither kind runs
+                           more than a window ahead of the other
+    a request closes       when its window passed (processing time) and the
+                           feedback frontier passed its request time + window_s
+    an early action expires when its window passed and the feature frontier
+                           passed its event time + window_s
+
+Live (both logs at their end) this is the processing-time window alone.
+Event times come from the records, so the rule assumes the two kinds carry
+comparable clocks (the server's, unless a client sends both); where they do
+not, it degrades to the processing-time window and reading to the end.
 
 Candidates are matched by the item FID of the action against the first
 column of each candidate row (the item-id slot); an action naming an item
 that was not a candidate is counted in ``unmatched``.
 
 Memory is bounded by the window: the buffer holds the requests of the last
-``window_s`` seconds. ``state()`` / ``restore()`` carry the buffer and the
-read position of every log, so a restarted trainer neither loses nor
-repeats a joined example.
+``window_s`` seconds. ``state()`` / ``restore()`` carry everything that
+decides what the joiner does next: the read position of every log, the
+buffer, the early actions, the recently closed request ids and the state of
+the random generator that samples negatives. So a restarted trainer neither
+loses nor repeats a joined example, and replaying the same logs samples the
+same negatives.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 import time
@@ -73,18 +102,27 @@ class _Pending:
         self.labelled = np.zeros(record.item_fids.shape[0], np.bool_) if labelled is None else labelled
 
 
+MAX_RECORDS_PER_POLL = 10_000
+_FEATURE, _FEEDBACK = "feature_log", "feedback_log"
+
+
 class Joiner:
-    def __init__(self, data_dir: str | Path, window_s: float = 30.0, negative_rate: float = 0.1, seed: int = 0):
-        if window_s <= 0 or not 0 < negative_rate <= 1:
-            raise ValueError(f"requires window_s > 0 and 0 < negative_rate <= 1, got {window_s}, {negative_rate}")
+    def __init__(self, data_dir: str | Path, window_s: float = 30.0, negative_rate: float = 0.1, seed: int = 0,
+                 max_records: int = MAX_RECORDS_PER_POLL):
+        if window_s <= 0 or not 0 <= negative_rate <= 1 or max_records < 1:
+            raise ValueError(f"requires window_s > 0, 0 <= negative_rate <= 1 and max_records >= 1, got "
+                             f"{window_s}, {negative_rate}, {max_records}")
         self.data_dir = Path(data_dir)
         self.window_s = window_s
         self.negative_rate = negative_rate
+        self.max_records = max_records
         self._rng = random.Random(seed)
         self._readers: dict[str, SegmentLogReader] = {}
         self._positions: dict[str, int] = {}
+        self._frontier: dict[str, float] = {}  # log key -> newest event time read from it
+        self._at_end: dict[str, bool] = {}  # log key -> its last read came back short
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
-        self._early: OrderedDict[bytes, tuple[float, list[FeedbackRecord]]] = OrderedDict()
+        self._early: OrderedDict[bytes, tuple[float, float, list[FeedbackRecord]]] = OrderedDict()
         self._closed: OrderedDict[bytes, float] = OrderedDict()  # recently closed request ids, for `late`
         self.joined = self.negatives = self.dropped_negatives = 0
         self.late = self.orphans = self.unmatched = 0
@@ -98,37 +136,49 @@ class Joiner:
             self._readers[key] = reader
         return reader
 
-    def _new_records(self, kind: str) -> list[bytes]:
+    def _keys(self, kind: str) -> list[str]:
         root = self.data_dir / kind
+        return [f"{kind}/{d.name}" for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+
+    def frontier(self, kind: str) -> float:
+        """The lowest event time read among the logs of ``kind`` not at their end (+inf if none)."""
+        behind = [self._frontier.get(k, -math.inf) for k in self._keys(kind) if not self._at_end.get(k, False)]
+        return min(behind, default=math.inf)
+
+    def _new_records(self, kind: str, decode, event_time) -> list:
+        limit = self.frontier(_FEEDBACK if kind == _FEATURE else _FEATURE) + self.window_s
         out = []
-        if root.is_dir():
-            for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-                key = f"{kind}/{directory.name}"
-                reader = self._reader(key)
-                out += [payload for _, payload in reader.read(max_records=10_000)]
-                self._positions[key] = reader.next_record
+        for key in self._keys(kind):
+            if self._frontier.get(key, -math.inf) > limit:
+                continue  # a window ahead of the other kind: let it catch up first
+            reader = self._reader(key)
+            batch = reader.read(max_records=self.max_records)
+            self._positions[key] = reader.next_record
+            self._at_end[key] = len(batch) < self.max_records
+            records = [decode(payload) for _, payload in batch]
+            if records:
+                self._frontier[key] = max(self._frontier.get(key, -math.inf), max(map(event_time, records)))
+            out += records
         return out
 
     def poll(self, now_s: float | None = None) -> JoinedExamples:
-        """Reads what is new in every log, joins it, closes expired windows."""
+        """Reads what is new in every log (aligned), joins it, closes expired windows."""
         now_s = time.monotonic() if now_s is None else now_s
         out = JoinedExamples()
-        for payload in self._new_records("feature_log"):
-            record = FeatureRecord.decode(payload)
+        for record in self._new_records(_FEATURE, FeatureRecord.decode, lambda r: r.request_time_s):
             pending = _Pending(record, now_s)
             self._pending[record.request_id] = pending
             early = self._early.pop(record.request_id, None)
-            for action in early[1] if early else ():
+            for action in early[2] if early else ():
                 self._join(pending, action, out)
-        for payload in self._new_records("feedback_log"):
-            action = FeedbackRecord.decode(payload)
+        for action in self._new_records(_FEEDBACK, FeedbackRecord.decode, lambda r: r.event_time_s):
             pending = self._pending.get(action.request_id)
             if pending is not None:
                 self._join(pending, action, out)
             elif action.request_id in self._closed:
                 self.late += len(action.labels)
             else:
-                seen, actions = self._early.setdefault(action.request_id, (now_s, []))
+                _, _, actions = self._early.setdefault(action.request_id, (now_s, action.event_time_s, []))
                 actions.append(action)
         self._close_expired(now_s, out)
         return out
@@ -147,9 +197,10 @@ class Joiner:
 
     def _close_expired(self, now_s: float, out: JoinedExamples) -> None:
         horizon = now_s - self.window_s
+        feedback_read_to = self.frontier(_FEEDBACK) - self.window_s
         while self._pending:
             rid, pending = next(iter(self._pending.items()))
-            if pending.seen_s > horizon:
+            if pending.seen_s > horizon or pending.record.request_time_s > feedback_read_to:
                 break
             del self._pending[rid]
             for c in np.flatnonzero(~pending.labelled).tolist():
@@ -161,11 +212,20 @@ class Joiner:
             self._closed[rid] = now_s
         while self._closed and next(iter(self._closed.values())) <= horizon - self.window_s:
             self._closed.popitem(last=False)
-        while self._early and next(iter(self._early.values()))[0] <= horizon:
-            _, (_, actions) = self._early.popitem(last=False)
+        features_read_to = self.frontier(_FEATURE) - self.window_s
+        while self._early:
+            seen_s, event_s, _ = next(iter(self._early.values()))
+            if seen_s > horizon or event_s > features_read_to:
+                break
+            _, (_, _, actions) = self._early.popitem(last=False)
             count = sum(len(a.labels) for a in actions)
             self.late += count
             self.orphans += count
+
+    @property
+    def positions(self) -> dict[str, int]:
+        """Log key ("feature_log/<instance>") -> index of the next record to read."""
+        return dict(self._positions)
 
     @property
     def buffered(self) -> int:
@@ -174,8 +234,9 @@ class Joiner:
     # ---------------------------------------------------------- checkpointing
 
     def state(self) -> bytes:
-        """Read positions and the buffer (requests still in their window,
-        which candidates already became examples, actions waiting)."""
+        """Read positions, the buffer (requests still in their window, which
+        candidates already became examples, actions waiting), the recently
+        closed request ids and the negative sampler's random state."""
         parts = [struct.pack("<I", len(self._positions))]
         for key, position in self._positions.items():
             raw = key.encode()
@@ -185,11 +246,16 @@ class Joiner:
             raw = pending.record.encode()
             parts += [struct.pack("<I", len(raw)), raw, struct.pack("<I", pending.labelled.shape[0]),
                       pending.labelled.tobytes()]
-        early = [a for _, actions in self._early.values() for a in actions]
+        early = [a for _, _, actions in self._early.values() for a in actions]
         parts.append(struct.pack("<I", len(early)))
         for action in early:
             raw = action.encode()
             parts += [struct.pack("<I", len(raw)), raw]
+        parts.append(struct.pack("<I", len(self._closed)))
+        for rid in self._closed:
+            parts += [struct.pack("<H", len(rid)), rid]
+        version, words, gauss = self._rng.getstate()
+        parts.append(struct.pack(f"<I{len(words)}I", len(words), *words))
         return b"".join(parts)
 
     def restore(self, blob: bytes, now_s: float | None = None) -> None:
@@ -221,7 +287,12 @@ class Joiner:
         (n_early,) = take("<I")
         for _ in range(n_early):
             action = FeedbackRecord.decode(raw(take("<I")[0]))
-            self._early.setdefault(action.request_id, (now_s, []))[1].append(action)
+            self._early.setdefault(action.request_id, (now_s, action.event_time_s, []))[2].append(action)
+        (n_closed,) = take("<I")
+        for _ in range(n_closed):
+            self._closed[raw(take("<H")[0])] = now_s
+        (n_words,) = take("<I")
+        self._rng.setstate((3, take(f"<{n_words}I"), None))
         if at != len(blob):
             raise ValueError(f"joiner state: {len(blob) - at} bytes left over")
 

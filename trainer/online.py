@@ -12,8 +12,12 @@ Online loop, one thread, every step bounded:
     every expiry interval      per-slot TTL eviction (deletes ride the next delta)
     every snapshot interval    sparse and dense deltas emitted first, then a
                                serving snapshot and a trainer checkpoint at
-                               that seq
+                               that seq, then retention (trainer.retention)
     stop (SIGINT/SIGTERM)      the same as a snapshot, then exit
+
+Start: the newest trainer checkpoint is restored, then the stream is made
+to agree with it (``reconcile``): records past the checkpoint are undone by
+one record of absolute values; a stream that ends before it is refused.
 
 Prequential AUC: each micro-batch is scored before it is trained on.
 """
@@ -33,12 +37,14 @@ import torch
 
 from server.features import FeatureSchema
 from server.snapshot import prune_snapshots, write_snapshot
+from server.segment_log import segment_bytes_from_env
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.joiner import Joiner
 from trainer.model import TrainerModel, auc
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from trainer.retention import apply_retention
+from updater.delta import DENSE, DeltaRecord
+from updater.stream import FileDeltaReader, FileDeltaWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +68,26 @@ class OnlineConfig:
     # (the served dense weights only move every dense interval).
     lr_sparse: float = 0.05
     lr_dense: float = 1e-4
+    # Feature/feedback log segments the checkpoint is past are kept this long.
+    log_retention_s: float = 3600.0
 
     def __post_init__(self):
         if not 0.05 <= self.sync_interval_s <= 86400:
             raise ValueError(f"sync interval requires 50 ms to 24 h, got {self.sync_interval_s} s")
         if self.batch_size < 1 or self.max_batch_delay_s < 0:
             raise ValueError("batch_size requires >= 1 and max_batch_delay_s >= 0")
+        if self.log_retention_s < 0:
+            raise ValueError(f"log_retention_s requires >= 0, got {self.log_retention_s}")
 
 
 def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner: Joiner | None,
-            counters: dict | None = None) -> int:
+            counters: dict | None = None, log_retention_s: float | None = None) -> int:
     """Flushes pending rows as a sparse delta and the dense weights as a dense
     one, then writes a serving snapshot and a trainer checkpoint at that seq,
     so a server started from the snapshot and one that replayed the stream
-    hold the same rows and the same dense weights. Returns the seq."""
+    hold the same rows and the same dense weights; then, with
+    ``log_retention_s``, deletes what no retained snapshot or checkpoint
+    needs (trainer.retention). Returns the seq."""
     record = model.take_delta(writer.next_seq)
     if record is not None:
         writer.append(record)
@@ -84,7 +96,53 @@ def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner
     write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
     prune_snapshots(data_dir, keep=2)
     save_checkpoint(data_dir, model, joiner, seq, counters=counters)
+    if log_retention_s is not None:
+        apply_retention(data_dir, writer, log_retention_s)
     return seq
+
+
+def reconcile(model: TrainerModel, writer: FileDeltaWriter, directory: Path, checkpoint_seq: int) -> str | None:
+    """Makes the stream agree with a trainer restored at ``checkpoint_seq``.
+
+    After a kill the stream may hold records past the checkpoint (S+1..S+k,
+    already applied by servers) that the restored state knows nothing of.
+    Appends one sparse record that undoes them: for every FID they wrote or
+    evicted, the restored row (absolute) if the trainer has it, else a
+    delete; and the restored dense weights if any of them was dense. Every
+    server then holds exactly the trainer's state at S again (absolute
+    values: whatever it had applied of S+1..S+k). Returns what it did, or
+    None when the stream ends at the checkpoint. Raises ValueError when the
+    stream ends before it: records a server may need were lost."""
+    last = writer.next_seq - 1
+    if last < checkpoint_seq:
+        raise ValueError(f"delta stream {directory} ends at seq {last}, behind the trainer checkpoint at seq "
+                         f"{checkpoint_seq}: records that servers may need are lost; requires the stream the "
+                         f"checkpoint was taken with (restore it, or move the checkpoints in "
+                         f"{directory.parent / 'trainer'} away to start training afresh)")
+    if last == checkpoint_seq:
+        return None
+    written, dense = [], False
+    reader = FileDeltaReader(directory, after_seq=checkpoint_seq)
+    try:
+        while records := reader.read(max_records=256):
+            for record in records:
+                if record.kind == DENSE:
+                    dense = True
+                else:
+                    written += [record.fids, record.evicted]
+    finally:
+        reader.close()
+    fids = np.unique(np.concatenate(written)) if written else np.empty(0, np.uint64)
+    rows, found = model.table.lookup_found(fids)
+    writer.append(DeltaRecord.sparse(writer.next_seq, time.time(), fids[found], rows[found, : model.dim],
+                                     fids[~found]))
+    if dense:
+        writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
+    message = (f"reconciled {last - checkpoint_seq} stream records past the checkpoint (seq {checkpoint_seq + 1}.."
+               f"{last}): {int(found.sum())} rows restored, {int((~found).sum())} deleted"
+               + (", dense weights restored" if dense else ""))
+    log.warning(message)
+    return message
 
 
 def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train_fraction: float = 0.8,
@@ -127,9 +185,16 @@ class OnlineTrainer:
         self.model.lr_sparse = self.config.lr_sparse
         for group in self.model.optimizer.param_groups:
             group["lr"] = self.config.lr_dense
-        self.writer = FileDeltaWriter(self.data_dir / "deltas")
+        self.writer = FileDeltaWriter(self.data_dir / "deltas", segment_bytes=segment_bytes_from_env())
         self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
                               else "no trainer checkpoint: starting from fresh weights")
+        try:
+            reconciled = reconcile(self.model, self.writer, self.data_dir / "deltas", meta["delta_seq"] if meta else 0)
+        except BaseException:
+            self.close()
+            raise
+        if reconciled:
+            self.start_message += f"; {reconciled}"
         counters = (meta or {}).get("counters", {})
         self.examples = counters.get("examples", 0)
         for name in ("joined", "negatives", "dropped_negatives", "late", "orphans", "unmatched"):
@@ -197,7 +262,8 @@ class OnlineTrainer:
                 "unmatched": j.unmatched}
 
     def publish(self) -> int:
-        return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters())
+        return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters(),
+                       log_retention_s=self.config.log_retention_s)
 
     def _train(self, waiting: list) -> None:
         user, items, labels, times, rates = (np.concatenate(parts) for parts in zip(*waiting))

@@ -13,11 +13,24 @@ records strictly in order, while requests keep being served:
 applied, so a response stamped with seq S reflects every record up to S.
 
 A gap in sequence numbers, a record for an unknown table, a dim mismatch, a
-dense state that does not fit the network, or a corrupt record halts the
-updater: serving continues on the last good state, the reason is logged at
-error level and exposed (``halted_reason``, metrics). Records at or below the
-current seq (already in the snapshot) are skipped: absolute values make
-replaying them harmless anyway.
+row with NaN or Inf, a dense state that does not fit the network, a corrupt
+record or a stream that cannot be opened or read *halts* the updater:
+serving continues on the last good state, the reason is logged at error
+level and exposed (``halted_reason``, ``halted``, metrics). A sparse record
+is checked whole before its first row is written, so a refused record leaves
+no row of it behind; a failure while writing (none is expected) halts, and
+the retry applies the record again whole (absolute values). Records at or
+below the current seq (already in the snapshot) are skipped.
+
+Healing: after a halt the updater reopens the stream at its seq and tries
+again, ``retry_delays_s`` apart; when those retries are spent it loads the
+newest snapshot past its seq (``load_snapshot``: one that covers the gap or
+the bad record), swaps its table and dense weights in (one reference
+assignment each, requests keep being served) and follows the stream from
+there. With no such snapshot yet it keeps trying every
+``retry_delays_s[-1]`` seconds. ``halted`` is true from a halt until a
+record is applied or a snapshot loaded again, and while the thread is dead.
+Counters: ``halts``, ``snapshot_reloads``.
 """
 
 from __future__ import annotations
@@ -27,8 +40,12 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+import torch
+
 from server.dense import build_dense
 from server.segment_log import LogCorruptError
+from server.table import EMPTY_KEY
 from updater.delta import DENSE, SPARSE, DeltaError, DeltaRecord
 from updater.stream import DeltaReader
 
@@ -40,22 +57,31 @@ class DeltaApplier:
 
     Args:
         runtime: the object serving requests; needs .table, .dense, .schema, .delta_seq.
-        open_reader: after_seq -> DeltaReader, called once at start.
+        open_reader: after_seq -> DeltaReader, called at start and after each halt.
+        load_snapshot: () -> the newest readable server.snapshot.Snapshot, or None.
         poll_interval_s: sleep when the stream has nothing new.
         chunk_rows: rows per table upsert.
+        retry_delays_s: waits before each retry after a halt; then a snapshot reload.
     """
 
     def __init__(self, runtime, open_reader: Callable[[int], DeltaReader], poll_interval_s: float = 0.005,
-                 chunk_rows: int = 4096):
+                 chunk_rows: int = 4096, load_snapshot: Callable[[], object] | None = None,
+                 retry_delays_s: tuple[float, ...] = (0.1, 0.5, 2.0)):
+        if not retry_delays_s or min(retry_delays_s) <= 0:
+            raise ValueError(f"retry_delays_s requires one or more delays > 0, got {retry_delays_s}")
         self.runtime = runtime
         self._open_reader = open_reader
+        self._load_snapshot = load_snapshot
         self.poll_interval_s = poll_interval_s
         self.chunk_rows = chunk_rows
+        self.retry_delays_s = tuple(retry_delays_s)
         self.rows_applied = 0
         self.rows_deleted = 0
         self.records_applied = 0
         self.records_rejected = 0
         self.dense_swaps = 0
+        self.halts = 0
+        self.snapshot_reloads = 0
         self.lag_s = 0.0
         self.halted_reason: str | None = None
         self._stop = threading.Event()
@@ -73,27 +99,86 @@ class DeltaApplier:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def halted(self) -> bool:
+        """Not applying: halted and not yet healed, or the thread is not running when it should."""
+        return self.halted_reason is not None or (not self._stop.is_set() and not self.running
+                                                  and self._thread.ident is not None)
+
     def _run(self) -> None:
-        reader = self._open_reader(self.runtime.delta_seq)
+        failures = 0
+        while not self._stop.is_set():
+            applied = self.records_applied
+            reason = self._follow()
+            if reason is None:
+                return  # stopped
+            if self.records_applied > applied:
+                failures = 0  # it moved on since the last halt: a new fault
+            self._halt(reason, first=failures == 0)
+            if failures < len(self.retry_delays_s):
+                delay = self.retry_delays_s[failures]
+                failures += 1
+            else:
+                delay = self.retry_delays_s[-1]
+                if self._reload_snapshot():
+                    failures = 0
+                    continue
+            self._stop.wait(delay)
+
+    def _follow(self) -> str | None:
+        """Tails the stream from the current seq until stopped (None) or a halt (its reason)."""
+        try:
+            reader = self._open_reader(self.runtime.delta_seq)
+        except Exception as exc:
+            return f"cannot open the delta stream after seq {self.runtime.delta_seq}: {exc!r}"
         try:
             while not self._stop.is_set():
                 try:
                     records = reader.read(max_records=64)
                 except (DeltaError, LogCorruptError) as exc:
-                    self._halt(f"corrupt delta record: {exc}")
-                    return
+                    return f"corrupt delta record: {exc}"
                 for record in records:
                     reason = self.apply(record)
                     if reason is not None:
-                        self._halt(reason)
-                        return
+                        return reason
+                    self.halted_reason = None
                 if not records:
                     self._stop.wait(self.poll_interval_s)
-        except Exception as exc:  # never die silently
-            self._halt(f"updater crashed: {exc!r}")
-            raise
+            return None
+        except Exception as exc:  # a reader or table failure: never die silently
+            log.exception("delta updater failed")
+            return f"updater failed: {exc!r}"
         finally:
             reader.close()
+
+    def _reload_snapshot(self) -> bool:
+        """Loads the newest snapshot past the current seq, if there is one; True if it did."""
+        if self._load_snapshot is None:
+            return False
+        try:
+            snapshot = self._load_snapshot()
+        except Exception as exc:
+            log.error("delta updater: loading a snapshot failed: %r", exc)
+            return False
+        runtime = self.runtime
+        if snapshot is None or snapshot.delta_seq <= runtime.delta_seq:
+            return False
+        if snapshot.table.dim != runtime.table.dim:
+            log.error("delta updater: snapshot %s has dim %d, serving requires %d", snapshot.path,
+                      snapshot.table.dim, runtime.table.dim)
+            return False
+        dense = self._build_dense(snapshot.dense_state)
+        if isinstance(dense, str):
+            log.error("delta updater: snapshot %s: %s", snapshot.path, dense)
+            return False
+        runtime.table = snapshot.table
+        runtime.dense = dense
+        previous, runtime.delta_seq = runtime.delta_seq, snapshot.delta_seq
+        self.snapshot_reloads += 1
+        self.halted_reason = None
+        log.warning("delta updater healed: loaded snapshot %s (delta_seq %d -> %d)", snapshot.path, previous,
+                    snapshot.delta_seq)
+        return True
 
     def apply(self, record: DeltaRecord) -> str | None:
         """Applies one record; returns why it was refused, or None."""
@@ -121,6 +206,9 @@ class DeltaApplier:
             return f"delta {record.seq}: unknown table {record.table_id} (serving has table 0)"
         if record.fids.shape[0] and record.dim != table.dim:
             return f"delta {record.seq}: rows of dim {record.dim}, table requires {table.dim}"
+        reason = sparse_fault(record)
+        if reason is not None:
+            return reason
         for start in range(0, record.fids.shape[0], self.chunk_rows):
             stop = start + self.chunk_rows
             table.upsert(record.fids[start:stop], record.values[start:stop], now=record.created_s)
@@ -130,17 +218,41 @@ class DeltaApplier:
         return None
 
     def _apply_dense(self, record: DeltaRecord) -> str | None:
-        schema = self.runtime.schema
-        model = build_dense(schema.num_fields, schema.dim, schema.dense)
-        try:
-            model.load_state_dict(record.dense_state, strict=True)
-        except (RuntimeError, KeyError) as exc:
-            return f"delta {record.seq}: dense state does not fit the network: {exc}"
-        self.runtime.dense = model.eval()
+        model = self._build_dense(record.dense_state)
+        if isinstance(model, str):
+            return f"delta {record.seq}: {model}"
+        self.runtime.dense = model
         self.dense_swaps += 1
         return None
 
-    def _halt(self, reason: str) -> None:
+    def _build_dense(self, state):
+        """The network with ``state`` loaded, or why it does not fit."""
+        schema = self.runtime.schema
+        model = build_dense(schema.num_fields, schema.dim, schema.dense)
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError) as exc:
+            return f"dense state does not fit the network: {exc}"
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            return "dense state holds NaN or Inf"
+        return model.eval()
+
+    def _halt(self, reason: str, first: bool) -> None:
+        """Counts a fault once (``first``), however often it is retried."""
         self.halted_reason = reason
-        self.records_rejected += 1
+        if first:
+            self.halts += 1
+            self.records_rejected += 1
         log.error("delta updater halted, serving stays at delta_seq %d: %s", self.runtime.delta_seq, reason)
+
+
+def sparse_fault(record: DeltaRecord) -> str | None:
+    """Why a sparse record must not be applied (checked whole, before any row is written), or None."""
+    if np.any(record.fids == EMPTY_KEY) or np.any(record.evicted == EMPTY_KEY):
+        return f"delta {record.seq}: holds the reserved FID 2**64-1"
+    bad = ~np.isfinite(record.values).all(axis=1)
+    if np.any(bad):
+        first = int(np.flatnonzero(bad)[0])
+        return (f"delta {record.seq}: {int(bad.sum())} rows hold NaN or Inf (first: FID {int(record.fids[first])}); "
+                f"requires finite values")
+    return None

@@ -55,10 +55,14 @@ class DeltaRecord:
         values = np.ascontiguousarray(values, dtype=np.float32)
         if values.ndim != 2 or values.shape[0] != fids.shape[0]:
             raise ValueError(f"values requires shape ({fids.shape[0]}, dim), got {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError(f"values requires finite numbers, got {int((~np.isfinite(values)).sum())} NaN/Inf")
         return cls(seq, created_s, SPARSE, table_id, fids, values, np.ascontiguousarray(evicted, dtype=np.uint64))
 
     @classmethod
     def dense(cls, seq: int, created_s: float, state: dict[str, torch.Tensor]) -> "DeltaRecord":
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            raise ValueError("dense state requires finite numbers, got NaN/Inf")
         return cls(seq, created_s, DENSE, dense_state=dict(state))
 
     @property
@@ -95,7 +99,7 @@ class DeltaRecord:
             raise DeltaError(f"delta record: magic {magic!r} version {version}, expected {MAGIC!r} {FORMAT_VERSION}")
         payload = memoryview(data)[_HEADER.size : len(data) - _CRC.size]
         if kind == DENSE:
-            return cls.dense(seq, created, decode_tensors(bytes(payload)))
+            return cls(seq, created, DENSE, dense_state=decode_tensors(bytes(payload)))  # the applier checks it
         if kind != SPARSE:
             raise DeltaError(f"delta record seq {seq}: unknown kind {kind}")
         expected = 8 * rows + 4 * rows * dim + 8 * evicted

@@ -71,13 +71,18 @@ class SyntheticProducer:
     every ``interval_s`` one record with rows_per_s * interval_s rows of FIDs
     drawn from ``fids`` if given (e.g. the FIDs a load test requests, so
     updates hit the rows being read), else from [1, key_space], with random
-    values."""
+    values. A share ``new_share`` of each record's rows are FIDs never
+    written before (slot ``new_slot``), so the table keeps growing and
+    inserts displace rows as they would with new IDs arriving."""
 
     def __init__(self, directory: str | Path, rows_per_s: float, dim: int = 16, key_space: int = 100_000,
-                 interval_s: float = 0.1, seed: int = 0, fids: np.ndarray | None = None):
-        if rows_per_s <= 0 or interval_s <= 0 or key_space < 1:
-            raise ValueError(f"requires rows_per_s > 0, interval_s > 0, key_space >= 1, got "
-                             f"{rows_per_s}, {interval_s}, {key_space}")
+                 interval_s: float = 0.1, seed: int = 0, fids: np.ndarray | None = None, new_share: float = 0.0,
+                 new_slot: int = 10):
+        if rows_per_s <= 0 or interval_s <= 0 or key_space < 1 or not 0 <= new_share <= 1:
+            raise ValueError(f"requires rows_per_s > 0, interval_s > 0, key_space >= 1, 0 <= new_share <= 1, got "
+                             f"{rows_per_s}, {interval_s}, {key_space}, {new_share}")
+        self.new_share = new_share
+        self._new_base = np.uint64(new_slot << 48)
         self.writer = FileDeltaWriter(directory)
         self.rows_per_record = max(1, round(rows_per_s * interval_s))
         self.interval_s = interval_s
@@ -93,6 +98,8 @@ class SyntheticProducer:
             fids = self.rng.choice(self.fids, self.rows_per_record)
         else:
             fids = self.rng.integers(1, self.key_space + 1, self.rows_per_record, dtype=np.uint64)
+        fresh = self.rng.random(self.rows_per_record) < self.new_share
+        fids[fresh] = self._new_base | self.rng.integers(0, 1 << 48, int(fresh.sum()), dtype=np.uint64)
         values = self.rng.standard_normal((self.rows_per_record, self.dim), dtype=np.float32) * 0.1
         record = DeltaRecord.sparse(self.writer.next_seq, time.time(), fids, values)
         self.writer.append(record)

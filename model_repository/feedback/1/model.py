@@ -1,4 +1,6 @@
-"""Triton adapter for feedback intake: validate, append durably, acknowledge."""
+"""Triton adapter for feedback intake: validate, append durably (one fsync per batch), acknowledge."""
+
+import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -15,6 +17,8 @@ class TritonPythonModel:
     def initialize(self, args):
         triton.route_logging()
         params = triton.model_parameters(args)
+        # max_batch_size > 0 (shipped): Triton batches concurrent requests, each with a batch dim of 1.
+        self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
         self.runtime = FeedbackRuntime(triton.data_dir(params), args["model_instance_name"])
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.m_written = triton.Counter("monolith_feedback_log_written_total", "Feedback log records written", **labels)
@@ -24,24 +28,27 @@ class TritonPythonModel:
         self._parent_watch = triton.ParentWatch(self.runtime.close)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        responses = [None] * len(requests)
+        parsed = []
+        for i, request in enumerate(requests):
             try:
-                record = parse_feedback_request(triton.inputs(request, INPUTS), now_s())
-            except RequestError as exc:
+                parsed.append((i, parse_feedback_request(triton.inputs(request, INPUTS, self.batched), now_s())))
+            except (RequestError, ValueError) as exc:
                 self.runtime.rejected += 1
-                responses.append(triton.error_response(f"feedback: {exc}"))
-                continue
-            try:
-                durable = self.runtime.append(record)
-            except Exception as exc:  # disk failure: refuse, never pretend
-                responses.append(triton.error_response(f"feedback: log append failed: {exc!r}", internal=True))
-                continue
-            if not durable:
-                responses.append(triton.error_response("feedback: log writer overloaded, retry", internal=True))
-                continue
-            accepted = pb_utils.Tensor("accepted", np.array([record.item_fids.shape[0]], dtype=np.int64))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[accepted]))
+                responses[i] = triton.error_response(f"feedback: {exc}")
+        try:
+            outcomes = self.runtime.append_all([record for _, record in parsed])
+        except Exception as exc:  # disk failure: refuse, never pretend
+            outcomes = [exc] * len(parsed)
+        for (i, record), durable in zip(parsed, outcomes):
+            if isinstance(durable, Exception):
+                responses[i] = triton.error_response(f"feedback: log append failed: {durable!r}", internal=True)
+            elif not durable:
+                responses[i] = triton.error_response("feedback: log writer overloaded, retry", internal=True)
+            else:
+                accepted = np.array([[record.item_fids.shape[0]]] if self.batched else [record.item_fids.shape[0]],
+                                    dtype=np.int64)
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("accepted", accepted)])
         return responses
 
     def _update_metrics(self):

@@ -44,9 +44,12 @@ class TritonPythonModel:
         self.m_rejected_deltas = triton.Counter("monolith_delta_records_rejected_total",
                                                 "Delta records refused (the updater halts)", **labels)
         self.m_halted = triton.Gauge("monolith_delta_updater_halted", "1 if the updater stopped applying", **labels)
+        self.m_halts = triton.Counter("monolith_delta_updater_halts_total", "Updater halts (each retried)", **labels)
+        self.m_reloads = triton.Counter("monolith_delta_snapshot_reloads_total",
+                                        "Snapshots the updater loaded to get past a halt", **labels)
         self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S, metrics=(
             self.m_rows, self.m_seq, self.m_log_written, self.m_log_queued, self.m_log_shed, self.m_rejected,
-            self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted))
+            self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts, self.m_reloads))
         self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
 
     def execute(self, requests):
@@ -90,7 +93,9 @@ class TritonPythonModel:
         self.m_lag.set(updater.lag_s)
         self.m_rows_applied.update(updater.rows_applied)
         self.m_rejected_deltas.update(updater.records_rejected)
-        self.m_halted.set(0 if updater.halted_reason is None else 1)
+        self.m_halted.set(1 if updater.halted else 0)
+        self.m_halts.update(updater.halts)
+        self.m_reloads.update(updater.snapshot_reloads)
 
     def finalize(self):
         self._parent_watch.stop()

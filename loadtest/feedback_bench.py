@@ -1,0 +1,98 @@
+"""``monolith-rt bench feedback``: acknowledged feedback per second, many clients against one.
+
+Each client is a thread with its own gRPC connection sending feedback
+requests (one click each, a new request id every time) in a closed loop; an
+acknowledgement means the action is on disk (the feedback model answers
+only after the fsync that covers it). The same server is measured with one
+client (the baseline: every fsync covers one request) and with
+``clients`` clients (Triton batches the requests that arrive while an fsync
+is under way, so one fsync covers many), in alternating windows of the same
+run. Figures per variant: ``acks_per_s``, ``p50_ms``, ``p99_ms`` (client
+side, per request), ``errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import numpy as np
+
+from loadtest.histogram import LatencyHistogram
+from loadtest.stack import target_url
+from server.client import RankerClient
+from server.features import fid
+
+
+def _window(url: str, clients: int, duration_s: float, tag: str) -> tuple[int, int, LatencyHistogram, float]:
+    histogram = LatencyHistogram()
+    counts = {"acks": 0, "errors": 0}
+    lock = threading.Lock()
+    ready = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(c: int) -> None:
+        with RankerClient(url, "grpc", timeout_s=10.0) as conn:
+            conn.feedback(f"{tag}-warm-{c}".encode(), [fid(10, 1)], [1.0])
+            ready.wait()
+            k, acks, errors, latencies = 0, 0, 0, []
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                try:
+                    conn.feedback(f"{tag}-{c}-{k}".encode(), [fid(10, k % 1000 + 1)], [1.0])
+                    acks += 1
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+                except Exception:
+                    errors += 1
+                k += 1
+        with lock:
+            counts["acks"] += acks
+            counts["errors"] += errors
+            for ms in latencies:
+                histogram.record_ms(ms)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600
+    ready.wait()
+    started = time.perf_counter()
+    stop_at[0] = started + duration_s
+    for t in threads:
+        t.join()
+    return counts["acks"], counts["errors"], histogram, time.perf_counter() - started
+
+
+def bench_feedback(url: str | None, clients: int, duration_s: float, rounds: int) -> dict:
+    with contextlib.ExitStack() as stack:
+        url = target_url(stack, url, "grpc", "bench-feedback").url
+        totals = {n: {"acks": 0, "errors": 0, "seconds": 0.0, "hist": LatencyHistogram()} for n in (1, clients)}
+        for r in range(rounds):
+            for n in (1, clients):
+                acks, errors, hist, seconds = _window(url, n, duration_s, f"r{r}c{n}")
+                t = totals[n]
+                t["acks"] += acks
+                t["errors"] += errors
+                t["seconds"] += seconds
+                t["hist"].add(hist)
+
+    def figures(n: int) -> dict:
+        t = totals[n]
+        summary = t["hist"].summary()
+        return {"clients": n, "acks_per_s": round(t["acks"] / t["seconds"], 1), "p50_ms": summary["p50_ms"],
+                "p99_ms": summary["p99_ms"], "acks": t["acks"], "errors": t["errors"]}
+
+    many, one = figures(clients), figures(1)
+    return {**many, "one_client": one, "speedup_vs_one_client": round(many["acks_per_s"] / one["acks_per_s"], 2),
+            "window_s": duration_s, "rounds": rounds}
+
+
+def format_feedback_report(result: dict) -> str:
+    one = result["one_client"]
+    return (f"feedback acknowledgements (durable), {result['rounds']} x {result['window_s']} s windows each\n"
+            f"  {result['clients']} clients: {result['acks_per_s']:,.0f} acks/s, p50 {result['p50_ms']} ms, "
+            f"p99 {result['p99_ms']} ms, {result['errors']} errors\n"
+            f"  1 client:  {one['acks_per_s']:,.0f} acks/s, p50 {one['p50_ms']} ms, p99 {one['p99_ms']} ms, "
+            f"{one['errors']} errors\n"
+            f"  speed-up {result['speedup_vs_one_client']}x")
