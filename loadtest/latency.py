@@ -46,7 +46,7 @@ import numpy as np
 from loadtest.histogram import LatencyHistogram
 from loadtest.stack import read_metric, target_url
 from server.client import InferError, RankerClient, rank_tensors
-from server.features import FeatureSchema
+from server.features import FeatureSchema, random_fids
 from updater.tools import SyntheticProducer
 
 _THREADS_OPEN_LOOP = 16
@@ -63,7 +63,7 @@ def _populate(schema: FeatureSchema, requests, seed: int):
 
         rng = np.random.default_rng(seed)
         pool = _request_fids(requests)
-        extra = np.uint64(10 << 48) | rng.integers(0, 1 << 48, _SNAPSHOT_EXTRA_ROWS, dtype=np.uint64)
+        extra = random_fids(10, rng, _SNAPSHOT_EXTRA_ROWS)
         fids = np.unique(np.concatenate([pool, extra]))
         table = EmbeddingTable(schema.dim, capacity=int(fids.shape[0] / 0.9))
         table.upsert(fids, rng.standard_normal((fids.shape[0], schema.dim), dtype=np.float32) * 0.1, now=time.time())

@@ -33,7 +33,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def _run_bench_table(args: argparse.Namespace) -> int:
-    from server.bench import bench_table, format_table_report
+    from server.table.bench import bench_table, format_table_report
 
     result = bench_table(keys=args.keys, dim=args.dim, batch=args.batch, seed=args.seed)
     if args.json:

@@ -37,11 +37,13 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PAD_FID", "SLOT_BITS", "FeatureSchema", "Slot", "fid", "fids", "load_schema"]
+__all__ = ["PAD_FID", "SIGNATURE_BITS", "SLOT_BITS", "SLOT_IDS", "FeatureSchema", "Slot", "fid", "fids", "load_schema",
+           "random_fids", "slot_of"]
 
 SLOT_BITS = 15
 SIGNATURE_BITS = 48
 MAX_SLOT = (1 << SLOT_BITS) - 1
+SLOT_IDS = 1 << (64 - SIGNATURE_BITS)  # values of fid >> SIGNATURE_BITS over every 64-bit key (bit 63 included)
 PAD_FID = 0
 _SIGNATURE_MASK = (1 << SIGNATURE_BITS) - 1
 _SIDES = ("user", "context", "item")
@@ -66,6 +68,13 @@ def fid(slot: int, value) -> int:
 def fids(slot: int, values: Iterable) -> np.ndarray:
     """FIDs of many values of one slot, uint64."""
     return np.fromiter((fid(slot, v) for v in values), dtype=np.uint64)
+
+
+def random_fids(slot: int, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n FIDs of slot ``slot`` with random signatures (load tests, benchmarks), uint64."""
+    if not 1 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot requires 1 <= slot <= {MAX_SLOT}, got {slot}")
+    return np.uint64(slot << SIGNATURE_BITS) | rng.integers(0, 1 << SIGNATURE_BITS, n, dtype=np.uint64)
 
 
 def slot_of(fids_: np.ndarray) -> np.ndarray:

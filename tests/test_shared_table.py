@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from server.cuckoo import EMPTY_KEY, SLOTS
-from server.shared_table import DIRTY, NotTheWriter, SharedEmbeddingTable, mapping_bytes, shm_directory
+from server.table.cuckoo import EMPTY_KEY, SLOTS
+from server.table.shared import DIRTY, NotTheWriter, SharedEmbeddingTable, mapping_bytes, shm_directory
 from server.table import EmbeddingTable
 
 DIM = 64

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server import cuckoo
+from server.table import cuckoo
 from server.table import EMPTY_KEY, EmbeddingTable
 
 DIM = 3

@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from server.features import PAD_FID, FeatureSchema
+from server.table import cuckoo
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples, load_movielens
 from trainer.model import TrainerModel, auc
+from updater.applier import write_sparse
 from updater.delta import DeltaRecord
 
 _BATCH = 1024
@@ -49,12 +51,11 @@ _HASH_FRACTIONS = (2, 4, 8)
 
 def _hashed(fids: np.ndarray, buckets: int, salt: int) -> np.ndarray:
     """Each non-pad FID -> 1 + (h(fid) mod buckets): deliberate collisions.
-    h: MurmurHash3's 64-bit finaliser of fid ^ salt (vectorised; uint64 wraps)."""
-    x = fids ^ np.uint64((salt * 0x9E3779B97F4A7C15) % 2**64)
-    for multiplier in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
-        x = x ^ (x >> np.uint64(33))
-        x = x * np.uint64(multiplier)
-    x = x ^ (x >> np.uint64(33))
+    h: the table's own hash (MurmurHash3's finaliser) of fid ^ salt."""
+    flat = np.ascontiguousarray(fids, dtype=np.uint64).ravel()
+    x = np.empty_like(flat)
+    cuckoo.mix64_batch(flat, np.uint64((salt * 0x9E3779B97F4A7C15) % 2**64), x)
+    x = x.reshape(fids.shape)
     return np.where(fids == PAD_FID, np.uint64(PAD_FID), x % np.uint64(buckets) + np.uint64(1))
 
 
@@ -70,12 +71,12 @@ def _train(model: TrainerModel, ex: Examples, user: np.ndarray, items: np.ndarra
 
 
 def apply_delta(serving: TrainerModel, record) -> None:
-    """A sparse delta into a serving-side model, as the updater applies it:
-    absolute rows (embedding half), then deletes."""
+    """A sparse delta into a serving-side model, as the updater applies it
+    (``write_sparse``). The follower is trainer-shaped: its rows carry the
+    Adagrad half after the embedding, which the record leaves as it was."""
     rows = serving.table.lookup(record.fids)
     rows[:, : serving.dim] = record.values
-    serving.table.upsert(record.fids, rows, now=record.created_s)
-    serving.table.delete(record.evicted)
+    write_sparse(serving.table, record.fids, rows, record.evicted, record.created_s)
 
 
 def _summarize(name: str, results: dict[str, list[float]]) -> dict:
@@ -146,9 +147,7 @@ def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: 
                   flush=True)
             trainer = _model(schema, seed)
             load_checkpoint(work / f"seed{seed}", trainer, None)
-            trainer.lr_sparse = 0.05
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = 1e-4
+            trainer.set_learning_rates(sparse=0.05, dense=1e-4)
             trainer.take_delta(0)
             followers = {}
             for k in counts:  # serving side: batch rows + batch dense, then a sync after every len/k batches

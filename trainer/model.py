@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from server.dense import build_dense
-from server.features import PAD_FID, FeatureSchema
+from server.features import PAD_FID, SLOT_IDS, FeatureSchema, slot_of
 from server.table import EmbeddingTable
 from updater.delta import DeltaRecord
 
@@ -75,7 +75,7 @@ class TrainerModel:
         self._membership = torch.zeros(len(columns), len(slots))
         self._membership[torch.arange(len(columns)), torch.from_numpy(columns)] = 1.0
         self._mean = torch.tensor([s.pooling == "mean" for s in slots])
-        self._min_count = np.ones(1 << 16, dtype=np.int64)
+        self._min_count = np.ones(SLOT_IDS, dtype=np.int64)
         self.ttl_s_by_slot = {}
         for s in schema.slots:
             self._min_count[s.slot] = s.min_count
@@ -84,6 +84,12 @@ class TrainerModel:
         self._evicted: list[np.ndarray] = []
         self.steps = 0
         self.skipped_steps = 0
+
+    def set_learning_rates(self, sparse: float, dense: float) -> None:
+        """Sparse Adagrad's and the dense optimizer's learning rates (e.g. online rates after batch training)."""
+        self.lr_sparse = sparse
+        for group in self.optimizer.param_groups:
+            group["lr"] = dense
 
     # ------------------------------------------------------------------ pooling
 
@@ -108,8 +114,7 @@ class TrainerModel:
         fids, distinct, inverse = self._distinct(user_fids, item_fids)
         real = distinct != PAD_FID
         admitted = np.zeros(distinct.shape[0], dtype=np.bool_)
-        admitted[real] = self.table.admit(distinct[real], self._min_count[(distinct[real] >> np.uint64(48))
-                                                                          .astype(np.int64)])
+        admitted[real] = self.table.admit(distinct[real], self._min_count[slot_of(distinct[real])])
         stored, found = self.table.lookup_found(distinct, init_scale=self.init_scale)
         emb = stored[:, : self.dim].copy()
         acc = stored[:, self.dim :].copy()

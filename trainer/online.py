@@ -182,9 +182,7 @@ class OnlineTrainer:
         self.model = TrainerModel(schema, **model_args)
         self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate)
         meta = load_checkpoint(self.data_dir, self.model, self.joiner)
-        self.model.lr_sparse = self.config.lr_sparse
-        for group in self.model.optimizer.param_groups:
-            group["lr"] = self.config.lr_dense
+        self.model.set_learning_rates(sparse=self.config.lr_sparse, dense=self.config.lr_dense)
         self.writer = FileDeltaWriter(self.data_dir / "deltas", segment_bytes=segment_bytes_from_env())
         self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
                               else "no trainer checkpoint: starting from fresh weights")

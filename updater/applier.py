@@ -5,7 +5,7 @@ records strictly in order, while requests keep being served:
 
     sparse   rows upserted into the live table in chunks of ``chunk_rows``
              (one chunk holds the table's writer well under a millisecond),
-             then evicted FIDs deleted; readers never block (see server.cuckoo)
+             then evicted FIDs deleted; readers never block (see server.table.cuckoo)
     dense    a new module built and loaded off the request path, then swapped
              in with one reference assignment; a batch reads runtime.dense once
 
@@ -209,11 +209,8 @@ class DeltaApplier:
         reason = sparse_fault(record)
         if reason is not None:
             return reason
-        for start in range(0, record.fids.shape[0], self.chunk_rows):
-            stop = start + self.chunk_rows
-            table.upsert(record.fids[start:stop], record.values[start:stop], now=record.created_s)
-        for start in range(0, record.evicted.shape[0], self.chunk_rows):
-            self.rows_deleted += int(table.delete(record.evicted[start : start + self.chunk_rows]).sum())
+        self.rows_deleted += write_sparse(table, record.fids, record.values, record.evicted, record.created_s,
+                                          self.chunk_rows)
         self.rows_applied += record.fids.shape[0]
         return None
 
@@ -244,6 +241,19 @@ class DeltaApplier:
             self.halts += 1
             self.records_rejected += 1
         log.error("delta updater halted, serving stays at delta_seq %d: %s", self.runtime.delta_seq, reason)
+
+
+def write_sparse(table, fids: np.ndarray, rows: np.ndarray, evicted: np.ndarray, now: float,
+                 chunk_rows: int = 4096) -> int:
+    """A sparse record's effect on a table: rows upserted (absolute values, in chunks so
+    that a reader never waits long on one call), then evicted FIDs deleted. Returns how
+    many of ``evicted`` were present."""
+    for start in range(0, fids.shape[0], chunk_rows):
+        table.upsert(fids[start:start + chunk_rows], rows[start:start + chunk_rows], now=now)
+    deleted = 0
+    for start in range(0, evicted.shape[0], chunk_rows):
+        deleted += int(table.delete(evicted[start:start + chunk_rows]).sum())
+    return deleted
 
 
 def sparse_fault(record: DeltaRecord) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server.features import random_fids
 from server.segment_log import LogCorruptError, SegmentLogReader
 from updater.delta import DeltaError, DeltaRecord
 from updater.stream import FileDeltaWriter
@@ -82,7 +83,7 @@ class SyntheticProducer:
             raise ValueError(f"requires rows_per_s > 0, interval_s > 0, key_space >= 1, 0 <= new_share <= 1, got "
                              f"{rows_per_s}, {interval_s}, {key_space}, {new_share}")
         self.new_share = new_share
-        self._new_base = np.uint64(new_slot << 48)
+        self._new_slot = new_slot
         self.writer = FileDeltaWriter(directory)
         self.rows_per_record = max(1, round(rows_per_s * interval_s))
         self.interval_s = interval_s
@@ -99,7 +100,7 @@ class SyntheticProducer:
         else:
             fids = self.rng.integers(1, self.key_space + 1, self.rows_per_record, dtype=np.uint64)
         fresh = self.rng.random(self.rows_per_record) < self.new_share
-        fids[fresh] = self._new_base | self.rng.integers(0, 1 << 48, int(fresh.sum()), dtype=np.uint64)
+        fids[fresh] = random_fids(self._new_slot, self.rng, int(fresh.sum()))
         values = self.rng.standard_normal((self.rows_per_record, self.dim), dtype=np.float32) * 0.1
         record = DeltaRecord.sparse(self.writer.next_seq, time.time(), fids, values)
         self.writer.append(record)

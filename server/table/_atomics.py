@@ -3,7 +3,7 @@
 Numba has no atomics for host code, and a plain load of a version counter in
 a retry loop may be hoisted or merged by LLVM. These intrinsics emit LLVM
 atomic loads/stores and fences on a uint64 array element, so the optimistic
-version protocol in ``server.cuckoo`` holds under the C++/LLVM memory model,
+version protocol in ``server.table.cuckoo`` holds under the C++/LLVM memory model,
 not just by luck of x86's strong ordering (on x86 they compile to plain moves
 plus compiler barriers: no cost on the lookup path).
 """

@@ -1,6 +1,6 @@
 """SharedEmbeddingTable: one embedding table in shared memory for every ranker process of a host.
 
-The kernels, layout and seqlock protocol are server.cuckoo's, unchanged: the
+The kernels, layout and seqlock protocol are server.table.cuckoo's, unchanged: the
 arrays simply live in files under a directory on tmpfs (/dev/shm), mapped
 MAP_SHARED by every process, so the table's bytes exist once however many
 ranker instances read it.
@@ -10,7 +10,7 @@ Directory layout (one per server; see ``shm_directory``)::
     control               uint64[512]: the shared header, below
     setup.lock            flock: held while a process creates or attaches
     writer.lock           flock: the writer lease (the kernel drops it when its holder dies)
-    gen-<g>.keys          uint64[C]        generation g's arrays, as in server.cuckoo
+    gen-<g>.keys          uint64[C]        generation g's arrays, as in server.table.cuckoo
     gen-<g>.rows          float32[C, D]
     gen-<g>.stamps        float64[C]
     gen-<g>.versions      uint64[V]
@@ -26,7 +26,7 @@ Directory layout (one per server; see ``shm_directory``)::
     control[READY]        1 once the creator filled it
     control[USER + i]     words for the owner's own use (delta_seq, blob versions)
 
-Cross-process protocol (the in-process one of server.cuckoo holds within a
+Cross-process protocol (the in-process one of server.table.cuckoo holds within a
 generation):
     * one writer at a time, the holder of ``writer.lock`` (flock: released by
       the kernel when the holder dies, so another process takes over with no
@@ -37,7 +37,7 @@ generation):
       which no writer touches again (its mapping outlives the unlink).
     * a writer killed mid-write leaves DIRTY = 1, possibly a stripe odd for
       ever, a row half-written in place, a key in two slots (see
-      server.cuckoo). Readers stuck on the odd stripe give up (STUCK) and look
+      server.table.cuckoo). Readers stuck on the odd stripe give up (STUCK) and look
       again for a new generation; the next writer repairs before anything else:
       it rehashes gen-<g> into gen-<g+1> (one copy per key, COUNT recounted)
       and publishes it. Rows half-written in place belong to the record that
@@ -59,9 +59,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server import cuckoo
-from server.cuckoo import EMPTY_KEY, SLOTS
-from server.table import EmbeddingTable, SnapshotError, _Arrays, _pow2_at_least, read_snapshot
+from server.table import cuckoo
+from server.table.cuckoo import EMPTY_KEY, SLOTS
+from server.table.local import EmbeddingTable, SnapshotError, _Arrays, _pow2_at_least, read_snapshot
 
 __all__ = ["NotTheWriter", "SharedEmbeddingTable", "shm_directory"]
 

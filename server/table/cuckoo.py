@@ -33,21 +33,21 @@ assignment; readers still on the old arrays see a consistent older state,
 because the writer never touches old arrays again.
 
 A writer that dies mid-write (possible only across processes, see
-server.shared_table) can leave a stripe odd forever, a row half-written in
+server.table.shared) can leave a stripe odd forever, a row half-written in
 place, or a key in two slots (killed mid-move; both copies whole, since a
 move writes the row before the key). So readers give up after MAX_SPINS
 re-reads and return STUCK instead of spinning forever, and the next writer
 repairs: it rehashes into new arrays (``rehash_into`` keeps one copy of a
 key) and re-applies the record that was in flight (absolute values).
 
-Kernels return status codes and never raise; ``server.table`` validates
+Kernels return status codes and never raise; ``server.table.local`` validates
 shapes and dtypes before calling them and is the only place that raises.
 """
 
 import numba
 import numpy as np
 
-from server._atomics import (
+from server.table._atomics import (
     fence_acquire,
     fence_release,
     load_acquire,
@@ -92,6 +92,13 @@ def mix64(x):
     x *= _M2
     x ^= x >> _S33
     return x
+
+
+@numba.njit(cache=True, nogil=True)
+def mix64_batch(keys, salt, out):
+    """out[i] = mix64(keys[i] ^ salt): the table's hash, for callers that hash FIDs themselves."""
+    for i in range(keys.shape[0]):
+        out[i] = mix64(keys[i] ^ salt)
 
 
 @numba.njit(inline="always")
@@ -288,26 +295,17 @@ def contains_batch(keys, versions, fids, found):
     Returns OK, or STUCK as lookup_batch does."""
     mask = np.uint64(keys.shape[0] // SLOTS - 1)
     stripe_mask = np.int64(versions.shape[0] - 1)
+    no_row = np.empty((1, 0), dtype=np.float32)  # _read_row with rows of width 0: a probe, nothing copied
     for i in range(fids.shape[0]):
         key = fids[i]
         if key == EMPTY_KEY:
             found[i] = False
             continue
         b0, b1 = _buckets(key, mask)
-        s0 = b0 & stripe_mask
-        s1 = b1 & stripe_mask
-        for _ in range(MAX_SPINS):
-            v0 = load_acquire(versions, s0)
-            v1 = load_acquire(versions, s1)
-            if (v0 | v1) & _ONE:
-                continue
-            hit = _find(keys, b0, b1, key) >= 0
-            fence_acquire()
-            if load_relaxed(versions, s0) == v0 and load_relaxed(versions, s1) == v1:
-                break
-        else:
+        status = _read_row(keys, no_row, versions, key, b0, b1, -1, stripe_mask, no_row, 0)
+        if status == STUCK:
             return STUCK
-        found[i] = hit
+        found[i] = status == 1
     return OK
 
 
@@ -429,6 +427,8 @@ def upsert_batch(keys, rows, stamps, versions, fids, values, row_stamps, admit, 
         if pos < 0:
             if count >= max_count:
                 return FULL, i, count
+            # The two free-slot probes are inlined here (as in _place) for speed: calling
+            # _place for every new key measured 5.5 vs 8.0-9.4 M inserts/s (bench table, 2M keys).
             pos = _free_slot(keys, b0)
             if pos < 0:
                 pos = _free_slot(keys, b1)
@@ -471,11 +471,10 @@ def delete_batch(keys, versions, fids, deleted):
 
 
 @numba.njit(cache=True, nogil=True)
-def evict_by_slot(keys, stamps, versions, cutoffs, out_fids):
-    """Removes every key whose stamp < cutoffs[key >> 48] and writes it to
+def evict_by_slot(keys, stamps, versions, cutoffs, shift, out_fids):
+    """Removes every key whose stamp < cutoffs[key >> shift] and writes it to
     out_fids. Writer only. Returns the number evicted."""
     n = 0
-    shift = np.uint64(48)
     for pos in range(keys.shape[0]):
         key = keys[pos]
         if key != EMPTY_KEY and stamps[pos] < cutoffs[np.int64(key >> shift)]:
@@ -572,12 +571,11 @@ def rehash_into(keys, rows, stamps, new_keys, new_rows, new_stamps, new_versions
         b0, b1 = _buckets(key, mask)
         if dedupe and _find(new_keys, b0, b1, key) >= 0:
             continue  # a second copy, left by a writer killed mid-move: both are whole
-        pos = _free_slot(new_keys, b0)
+        pos = _free_slot(new_keys, b0)  # inlined for speed, as in upsert_batch
         if pos < 0:
             pos = _free_slot(new_keys, b1)
         if pos < 0:
-            pos = _place(new_keys, new_rows, new_stamps, new_versions, key, mask,
-                         q_bucket, q_parent, q_slot, q_depth)
+            pos = _place(new_keys, new_rows, new_stamps, new_versions, key, mask, q_bucket, q_parent, q_slot, q_depth)
         if pos < 0:
             return FULL
         new_keys[pos] = key

@@ -1,6 +1,6 @@
 """EmbeddingTable: the collisionless FID -> float32 row map the whole system uses.
 
-A thin owner of the arrays that the kernels in ``server.cuckoo`` work on (see
+A thin owner of the arrays that the kernels in ``server.table.cuckoo`` work on (see
 that module for the layout, the invariants and the seqlock protocol). This
 class fixes dtypes and layout, grows the table, keeps the admission sketch,
 writes and reads snapshots, and is the only place that raises.
@@ -48,9 +48,10 @@ from typing import Iterator
 
 import numpy as np
 
-from server import cuckoo
-from server.cuckoo import EMPTY_KEY, SLOTS
+from server.table import cuckoo
+from server.table.cuckoo import EMPTY_KEY, SLOTS
 from server.durable import fsync_path
+from server.features import SIGNATURE_BITS, SLOT_IDS
 
 __all__ = ["EMPTY_KEY", "EmbeddingTable", "SnapshotError"]
 
@@ -272,23 +273,24 @@ class EmbeddingTable:
         (default: the newest update seen) and returns their FIDs, uint64."""
         if not ttl_s >= 0:
             raise ValueError(f"ttl_s requires >= 0, got {ttl_s}")
-        return self._evict(np.full(1 << 16, -float(ttl_s)), now)
+        return self._evict(np.full(SLOT_IDS, -float(ttl_s)), now)
 
     def evict_expired_by_slot(self, ttl_s_by_slot: dict[int, float], now: float | None = None) -> np.ndarray:
-        """Like ``evict_expired`` with a TTL per slot (slot = FID >> 48); FIDs
-        of slots not listed never expire. Returns the evicted FIDs."""
-        offsets = np.full(1 << 16, -np.inf)  # indexed by key >> 48: any 64-bit key
+        """Like ``evict_expired`` with a TTL per slot (``server.features.slot_of``);
+        FIDs of slots not listed never expire. Returns the evicted FIDs."""
+        offsets = np.full(SLOT_IDS, -np.inf)  # indexed by slot: every 64-bit key has one
         for slot, ttl in ttl_s_by_slot.items():
             offsets[slot] = -float(ttl)
         return self._evict(offsets, now)
 
     def _evict(self, cutoff_offsets: np.ndarray, now: float | None) -> np.ndarray:
-        """Evicts keys with stamp < reference + cutoff_offsets[key >> 48]."""
+        """Evicts keys with stamp < reference + cutoff_offsets[slot of key]."""
         with self._write_lock:
             reference = self._newest_stamp if now is None else float(now)
             state = self._state
             evicted = np.empty(self._count, dtype=np.uint64)
-            n = cuckoo.evict_by_slot(state.keys, state.stamps, state.versions, reference + cutoff_offsets, evicted)
+            n = cuckoo.evict_by_slot(state.keys, state.stamps, state.versions, reference + cutoff_offsets,
+                                     np.uint64(SIGNATURE_BITS), evicted)
             self._count -= n
         return evicted[:n].copy()
 
@@ -435,7 +437,7 @@ class EmbeddingTable:
     def _rehashed(self, old: _Arrays, n_buckets: int, dedupe: bool = False) -> _Arrays:
         """Writer lock held. A copy of ``old`` in new storage of at least
         n_buckets buckets (doubling until it fits); ``dedupe``: one entry per key
-        even where ``old`` holds a key twice (see server.cuckoo)."""
+        even where ``old`` holds a key twice (see server.table.cuckoo)."""
         while True:
             new = self._allocate(n_buckets)
             status = cuckoo.rehash_into(old.keys, old.rows, old.stamps, new.keys, new.rows, new.stamps,

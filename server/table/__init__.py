@@ -1,0 +1,16 @@
+"""The collisionless embedding table: FID -> float32 row.
+
+    cuckoo.py    the numba kernels (layout, invariants, seqlock protocol in its docstring)
+    _atomics.py  acquire/release loads, stores and fences for the kernels
+    local.py     EmbeddingTable: the owner of one process's table (growth, admission, expiry, snapshots)
+    shared.py    SharedEmbeddingTable: the same table in shared memory for every ranker process
+                 of a host (its cross-process protocol in its docstring)
+    bench.py     `monolith-rt bench table`
+"""
+
+from server.table.cuckoo import EMPTY_KEY
+from server.table.local import EmbeddingTable, SnapshotError, read_snapshot
+from server.table.shared import NotTheWriter, SharedEmbeddingTable, shm_directory
+
+__all__ = ["EMPTY_KEY", "EmbeddingTable", "NotTheWriter", "SharedEmbeddingTable", "SnapshotError", "read_snapshot",
+           "shm_directory"]
