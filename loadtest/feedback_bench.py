@@ -17,7 +17,6 @@ import contextlib
 import threading
 import time
 
-import numpy as np
 
 from loadtest.histogram import LatencyHistogram
 from loadtest.stack import target_url

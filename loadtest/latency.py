@@ -39,6 +39,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from loadtest.stack import read_metric, target_url
 from server.client import InferError, RankerClient, rank_tensors
 from server.features import FeatureSchema, random_fids
 from updater.tools import SyntheticProducer
+from server.streams import DELTAS, Streams
 
 _THREADS_OPEN_LOOP = 16
 _SNAPSHOT_EXTRA_ROWS = 200_000
@@ -182,12 +184,50 @@ def _breakdown(before: dict, after: dict) -> dict:
             for k in ("queue", "compute_input", "compute_infer", "compute_output")}
 
 
-def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: float | None, concurrency: int | None,
-                duration_s: float, warmup_s: float, candidates: int, with_updates: float | None, baseline: bool,
-                data_dir: str | None, arrival: str = "poisson", max_requests: int = 1_000_000, rounds: int = 3,
-                seed: int = 0, metrics_url: str | None = None, api_key: str | None = None) -> dict:
-    if (rate is None) == (concurrency is None):
-        raise ValueError("requires exactly one of --rate and --concurrency")
+@dataclass(frozen=True)
+class LatencyConfig:
+    """What `loadtest latency` runs; validated once, here."""
+
+    url: str | None = None  # None: spawn `monolith-rt serve` on a temporary data dir
+    protocol: str = "grpc"
+    rate: float | None = None  # open loop: requests per second ...
+    concurrency: int | None = None  # ... or closed loop: clients in flight
+    duration_s: float = 30.0
+    warmup_s: float = 3.0
+    candidates: int = 100
+    with_updates: float | None = None  # rows/s streamed into the ranker during the "ranker+updates" windows
+    baseline: bool = False
+    data_dir: str | None = None  # the --url server's data dir (for with_updates)
+    arrival: str = "poisson"
+    max_requests: int = 1_000_000
+    rounds: int = 3
+    seed: int = 0
+    metrics_url: str | None = None  # the --url server's metrics (for applied rows/s)
+    api_key: str | None = None
+
+    def __post_init__(self):
+        if (self.rate is None) == (self.concurrency is None):
+            raise ValueError("requires exactly one of --rate and --concurrency")
+        if self.protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol requires grpc or http, got {self.protocol!r}")
+        if self.arrival not in ("poisson", "constant"):
+            raise ValueError(f"arrival requires poisson or constant, got {self.arrival!r}")
+        for name in ("duration_s", "candidates", "rounds", "max_requests"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} requires > 0, got {getattr(self, name)}")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"rate requires > 0, got {self.rate}")
+        if self.warmup_s < 0:
+            raise ValueError(f"warmup_s requires >= 0, got {self.warmup_s}")
+
+
+def run_latency(schema: FeatureSchema, config: LatencyConfig) -> dict:
+    c = config
+    url, protocol, rate, concurrency, arrival, max_requests = (c.url, c.protocol, c.rate, c.concurrency, c.arrival,
+                                                              c.max_requests)
+    duration_s, warmup_s, candidates, rounds, seed, api_key = (c.duration_s, c.warmup_s, c.candidates, c.rounds,
+                                                               c.seed, c.api_key)
+    with_updates, baseline, data_dir, metrics_url = c.with_updates, c.baseline, c.data_dir, c.metrics_url
     requests = _requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
@@ -197,7 +237,7 @@ def run_latency(schema: FeatureSchema, url: str | None, protocol: str, rate: flo
         if with_updates:
             if data_dir is None:
                 raise ValueError("--with-updates needs the server's --data-dir (or spawn one)")
-            producer = SyntheticProducer(Path(data_dir) / "deltas", with_updates, dim=schema.dim,
+            producer = SyntheticProducer(Streams(data_dir).path(DELTAS), with_updates, dim=schema.dim,
                                          fids=_request_fids(requests), interval_s=0.05, seed=seed,
                                          new_share=_NEW_FID_SHARE)
             stack.callback(producer.close)

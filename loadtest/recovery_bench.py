@@ -26,6 +26,7 @@ from server.snapshot import write_snapshot
 from server.table import EmbeddingTable
 from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
+from server.streams import DELTAS, Streams
 
 
 def _timed_start(data_dir: Path, schema: FeatureSchema, last_seq: int) -> dict:
@@ -57,7 +58,7 @@ def bench_recovery(schema: FeatureSchema, rows: int, seconds: float, rows_per_s:
         per_record = max(1, int(rows_per_s / 10))
         print(f"[bench recovery] {records} delta records of {per_record} rows ({seconds:.0f} s at "
               f"{rows_per_s:,.0f} rows/s)", file=sys.stderr, flush=True)
-        with FileDeltaWriter(data / "deltas") as writer:
+        with FileDeltaWriter(Streams(data).path(DELTAS)) as writer:
             for seq in range(1, records + 1):
                 pick = np.concatenate([rng.choice(fids, per_record // 2),
                                        rng.integers(1, 2**62, per_record - per_record // 2, dtype=np.uint64)])

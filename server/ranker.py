@@ -33,8 +33,8 @@ import torch
 
 from server.dense import build_dense
 from server.features import PAD_FID, FeatureSchema, Slot, slot_of
-from server.records import FeatureRecord
-from server.segment_log import BackgroundAppender, SegmentLogWriter, segment_bytes_from_env
+from server.streams.records import FeatureRecord
+from server.streams import DELTAS, FEATURES, BackgroundAppender, Streams, segment_bytes_from_env
 from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EMPTY_KEY, EmbeddingTable
 
@@ -190,7 +190,7 @@ class RankerRuntime:
             self.startup_message = (f"loaded snapshot {snapshot.path}: {len(self.table)} rows, "
                                     f"delta_seq {self.delta_seq}")
         self.dense = dense
-        writer = SegmentLogWriter(self.data_dir / "feature_log" / instance, fsync="batch",
+        writer = Streams(self.data_dir).open_writer(FEATURES, instance, fsync="batch",
                                   segment_bytes=segment_bytes_from_env())
         self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}")
         self.rejected: Counter[str] = Counter()
@@ -199,7 +199,7 @@ class RankerRuntime:
             from updater.applier import DeltaApplier
             from updater.stream import FileDeltaReader
 
-            deltas = self.data_dir / "deltas"
+            deltas = Streams(self.data_dir).path(DELTAS)
             self.updater = DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
                                         load_snapshot=lambda: load_latest_snapshot(self.data_dir)).start()
 

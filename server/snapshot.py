@@ -28,6 +28,7 @@ import torch
 from server.durable import fsync_path
 from server.table import EmbeddingTable, SnapshotError
 from server.tensor_io import decode_tensors, encode_tensors
+from server.streams import SNAPSHOTS, Streams
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Snapshot:
 
 
 def snapshot_root(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / "snapshots"
+    return Streams(data_dir).path(SNAPSHOTS)
 
 
 @contextmanager

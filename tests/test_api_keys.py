@@ -14,8 +14,8 @@ from server.client import InferError, RankerClient
 from server.features import load_schema
 from server.front.auth import ENV_API_KEY_FILE, ApiKeyError, api_key_file_from, load_api_key
 from server.launcher import DEFAULT_MODEL_REPOSITORY, group_members
-from server.records import FeatureRecord
-from server.segment_log import SegmentLogReader
+from server.streams.records import FeatureRecord
+from server.streams import SegmentLogReader
 from server.supervisor import ServeProcess
 
 SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")

@@ -35,8 +35,8 @@ import torch
 from server.client import RankerClient
 from server.features import load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
-from server.records import FeedbackRecord
-from server.segment_log import SegmentLogReader
+from server.streams.records import FeedbackRecord
+from server.streams import SegmentLogReader
 from server.snapshot import list_snapshots, load_latest_snapshot
 from server.table import EmbeddingTable
 from server.tensor_io import decode_tensors

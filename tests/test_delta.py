@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from server.features import load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY
 from server.ranker import RankerRuntime
-from server.segment_log import SegmentLogWriter
+from server.streams import SegmentLogWriter
 from server.snapshot import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from updater.applier import DeltaApplier

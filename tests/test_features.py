@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from server.features import PAD_FID, FeatureSchema, Slot, fid, fids, load_schema, slot_of
 from server.launcher import DEFAULT_MODEL_REPOSITORY
-from server.records import FeatureRecord, FeedbackRecord
+from server.streams.records import FeatureRecord, FeedbackRecord
 from server.tensor_io import decode_tensors, encode_tensors
 
 SCHEMA_PATH = DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json"

@@ -12,7 +12,7 @@ from server.client import RankerClient
 from server.dense import build_dense
 from server.features import PAD_FID, load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
-from server.segment_log import SegmentLogWriter
+from server.streams import SegmentLogWriter
 from server.snapshot import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from updater.delta import DeltaRecord

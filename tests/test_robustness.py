@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from server.client import InferError, RankerClient, rank_tensors
 from server.features import fid, load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, group_members
-from server.records import FeatureRecord
-from server.segment_log import SegmentLogReader
+from server.streams.records import FeatureRecord
+from server.streams import SegmentLogReader
 from server.supervisor import ServeProcess
 
 SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
@@ -329,7 +329,7 @@ def test_a_megabyte_request_id_is_refused(clients):
 
 def test_zz_logs_hold_only_well_formed_records(server, clients):
     """After every fuzzed and malformed request above: each log record decodes."""
-    from server.records import FeedbackRecord
+    from server.streams.records import FeedbackRecord
 
     clients["grpc"].rank(USER, ITEMS, request_id=b"last")
     counts = {}

@@ -13,8 +13,8 @@ from server.dense import build_dense
 from server.features import fid, load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 from server.ranker import RankerRuntime, RankRequest
-from server.records import FeatureRecord, FeedbackRecord
-from server.segment_log import SegmentLogReader
+from server.streams.records import FeatureRecord, FeedbackRecord
+from server.streams import SegmentLogReader
 from server.snapshot import write_snapshot
 from server.table import EmbeddingTable
 

@@ -14,8 +14,8 @@ import pytest
 from server.client import InferError, RankerClient
 from server.features import fid, load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, group_members
-from server.records import FeedbackRecord
-from server.segment_log import SegmentLogReader, SegmentLogWriter
+from server.streams.records import FeedbackRecord
+from server.streams import SegmentLogReader, SegmentLogWriter
 from server.supervisor import EXIT_GAVE_UP, ServeProcess
 from updater.tools import SyntheticProducer
 
@@ -32,6 +32,14 @@ def wait_until(predicate, timeout_s: float, poll_s: float = 0.05):
             return value
         time.sleep(poll_s)
     return predicate()
+
+
+def writer_lock_free(directory) -> bool:
+    try:
+        SegmentLogWriter(directory).close()
+        return True
+    except BlockingIOError:
+        return False
 
 
 def rank_or_none(client):
@@ -129,8 +137,8 @@ def test_stubs_exit_on_their_own_when_their_tritonserver_aborts(tmp_path):
             urllib.request.urlopen(request, timeout=10)  # Triton 2.51 aborts on this: why the front exists
         assert server.process.wait(10) != 0
         assert wait_until(lambda: not group_members(pgid), 10), f"left behind: {group_members(pgid)}"
-        for instance in (tmp_path / "feature_log").iterdir():
-            SegmentLogWriter(instance).close()  # the writer lock was released with the stub
+        for instance in (tmp_path / "feature_log").iterdir():  # the writer lock goes with the stub's last thread
+            assert wait_until(lambda: writer_lock_free(instance), 10), f"{instance} still locked"
     finally:
         server.kill()
 

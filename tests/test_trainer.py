@@ -11,8 +11,8 @@ import torch
 from server.client import RankerClient
 from server.features import PAD_FID, FeatureSchema, Slot, fid, load_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
-from server.records import FeatureRecord, FeedbackRecord
-from server.segment_log import SegmentLogWriter
+from server.streams.records import FeatureRecord, FeedbackRecord
+from server.streams import SegmentLogWriter
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.joiner import Joiner
 from trainer.model import TrainerModel, auc

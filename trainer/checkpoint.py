@@ -32,12 +32,13 @@ from server.table import EmbeddingTable, SnapshotError
 from server.tensor_io import decode_tensors, encode_tensors
 from trainer.joiner import Joiner
 from trainer.model import TrainerModel
+from server.streams import CHECKPOINTS, Streams
 
 log = logging.getLogger(__name__)
 
 
 def checkpoint_root(data_dir) -> Path:
-    return Path(data_dir) / "trainer"
+    return Streams(data_dir).path(CHECKPOINTS)
 
 
 def save_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None, delta_seq: int, keep: int = 2,

@@ -66,8 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.records import FeatureRecord, FeedbackRecord
-from server.segment_log import SegmentLogReader
+from server.streams.records import FeatureRecord, FeedbackRecord
+from server.streams import FEATURES, FEEDBACK, SegmentLogReader, Streams
 
 
 @dataclass
@@ -103,7 +103,7 @@ class _Pending:
 
 
 MAX_RECORDS_PER_POLL = 10_000
-_FEATURE, _FEEDBACK = "feature_log", "feedback_log"
+_FEATURE, _FEEDBACK = FEATURES, FEEDBACK
 
 
 class Joiner:
@@ -113,6 +113,7 @@ class Joiner:
             raise ValueError(f"requires window_s > 0, 0 <= negative_rate <= 1 and max_records >= 1, got "
                              f"{window_s}, {negative_rate}, {max_records}")
         self.data_dir = Path(data_dir)
+        self._streams = Streams(data_dir)
         self.window_s = window_s
         self.negative_rate = negative_rate
         self.max_records = max_records
@@ -132,13 +133,13 @@ class Joiner:
     def _reader(self, key: str) -> SegmentLogReader:
         reader = self._readers.get(key)
         if reader is None:
-            reader = SegmentLogReader(self.data_dir / key, start_record=self._positions.get(key, 0))
+            stream, instance = key.split("/", 1)
+            reader = self._streams.open_reader(stream, instance, start_record=self._positions.get(key, 0))
             self._readers[key] = reader
         return reader
 
     def _keys(self, kind: str) -> list[str]:
-        root = self.data_dir / kind
-        return [f"{kind}/{d.name}" for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+        return [f"{kind}/{instance}" for instance in self._streams.instances(kind)]
 
     def frontier(self, kind: str) -> float:
         """The lowest event time read among the logs of ``kind`` not at their end (+inf if none)."""

@@ -37,7 +37,7 @@ import torch
 
 from server.features import FeatureSchema
 from server.snapshot import prune_snapshots, write_snapshot
-from server.segment_log import segment_bytes_from_env
+from server.streams import DELTAS, Streams, segment_bytes_from_env
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.joiner import Joiner
@@ -166,7 +166,7 @@ def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train
     elapsed = time.perf_counter() - started
     tail = examples.slice(split, len(examples))
     holdout_auc = auc(tail.labels, model.predict(tail.user_fids, tail.item_fids)) if len(tail) else float("nan")
-    with FileDeltaWriter(Path(data_dir) / "deltas") as writer:
+    with FileDeltaWriter(Streams(data_dir).path(DELTAS)) as writer:
         seq = publish(Path(data_dir), model, writer, joiner=None)
     result = {"examples": split, "examples_per_s": round(split / elapsed, 1),
               "loss": round(float(np.mean(losses[-50:])), 4), "holdout_examples": len(tail),
@@ -183,11 +183,12 @@ class OnlineTrainer:
         self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate)
         meta = load_checkpoint(self.data_dir, self.model, self.joiner)
         self.model.set_learning_rates(sparse=self.config.lr_sparse, dense=self.config.lr_dense)
-        self.writer = FileDeltaWriter(self.data_dir / "deltas", segment_bytes=segment_bytes_from_env())
+        deltas = Streams(self.data_dir).path(DELTAS)
+        self.writer = FileDeltaWriter(deltas, segment_bytes=segment_bytes_from_env())
         self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
                               else "no trainer checkpoint: starting from fresh weights")
         try:
-            reconciled = reconcile(self.model, self.writer, self.data_dir / "deltas", meta["delta_seq"] if meta else 0)
+            reconciled = reconcile(self.model, self.writer, deltas, meta["delta_seq"] if meta else 0)
         except BaseException:
             self.close()
             raise

@@ -26,7 +26,7 @@ import json
 import logging
 from pathlib import Path
 
-from server.segment_log import delete_sealed_segments
+from server.streams import delete_sealed_segments
 from server.snapshot import list_snapshots
 from trainer.checkpoint import list_checkpoints
 from updater.stream import FileDeltaWriter

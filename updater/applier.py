@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from server.dense import build_dense
-from server.segment_log import LogCorruptError
+from server.streams import LogCorruptError
 from server.table import EMPTY_KEY
 from updater.delta import DENSE, SPARSE, DeltaError, DeltaRecord
 from updater.stream import DeltaReader

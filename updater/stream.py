@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from server.segment_log import SegmentLogReader, SegmentLogWriter
+from server.streams import SegmentLogReader, SegmentLogWriter
 from updater.delta import DeltaError, DeltaRecord
 
 

@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from server.features import random_fids
-from server.segment_log import LogCorruptError, SegmentLogReader
+from server.streams import LogCorruptError, SegmentLogReader
+from server.streams.segments import list_segments
 from updater.delta import DeltaError, DeltaRecord
 from updater.stream import FileDeltaWriter
-
-
-def _segments(directory: Path) -> list[int]:
-    return sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
 
 
 def scan(directory: str | Path):
@@ -24,7 +21,7 @@ def scan(directory: str | Path):
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no delta stream directory {directory}")
-    firsts = _segments(directory)
+    firsts = list_segments(directory)
     with SegmentLogReader(directory, start_record=firsts[0] if firsts else 0) as reader:
         while True:
             batch = reader.read(max_records=256)
@@ -36,7 +33,7 @@ def scan(directory: str | Path):
                     raise DeltaError(f"record {index} carries seq {record.seq}, expected {index + 1}")
                 segment = max(f for f in firsts if f <= index) if firsts else 0
                 yield segment, index, len(payload), record
-            firsts = _segments(directory)
+            firsts = list_segments(directory)
 
 
 def inspect(directory: str | Path) -> list[dict]:

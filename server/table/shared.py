@@ -59,7 +59,6 @@ from pathlib import Path
 
 import numpy as np
 
-from server.table import cuckoo
 from server.table.cuckoo import EMPTY_KEY, SLOTS
 from server.table.local import EmbeddingTable, SnapshotError, _Arrays, _pow2_at_least, read_snapshot
 
