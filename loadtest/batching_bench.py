@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from server.client import RankerClient
-from server.features import load_schema
+from server.features import shipped_schema
 from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 
@@ -68,7 +68,7 @@ def _load(url: str, batched: bool, requests, duration_s: float, threads: int) ->
 
 
 def bench_batching(concurrency: int, candidates: int, window_s: float, rounds: int) -> dict:
-    schema = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+    schema = shipped_schema()
     rng = np.random.default_rng(0)
     requests = [schema.encode_request({"user_id": int(u)}, [{"item_id": int(i)} for i in rng.integers(1, 3000, candidates)])
                 for u in rng.integers(1, 1000, 200)]

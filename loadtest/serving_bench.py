@@ -23,8 +23,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from server.client import RankerClient
-from server.features import load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from server.features import shipped_schema
 
 _WARMUP = 50
 
@@ -38,7 +37,7 @@ def bench_serving(url: str | None, protocol: str, candidates: int, requests: int
                   direct_url: str | None = None, api_key: str | None = None) -> dict:
     from server.supervisor import ServeProcess
 
-    schema = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+    schema = shipped_schema()
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
         if url is None:

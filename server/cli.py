@@ -40,11 +40,10 @@ def key_values(result: dict) -> str:
 
 
 def schema():
-    """The shipped feature schema (model_repository/ranker/feature_schema.json)."""
-    from server.features import load_schema
-    from server.launcher import DEFAULT_MODEL_REPOSITORY
+    """The shipped feature schema (server.features.shipped_schema), imported when a command runs."""
+    from server.features import shipped_schema
 
-    return load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+    return shipped_schema()
 
 
 def add_api_key_option(parser: argparse.ArgumentParser) -> None:

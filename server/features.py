@@ -29,6 +29,7 @@ The schema file (JSON) lives beside the ranker model in the model repository;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["PAD_FID", "SIGNATURE_BITS", "SLOT_BITS", "SLOT_IDS", "FeatureSchema", "Slot", "fid", "fids", "load_schema",
-           "random_fids", "slot_of"]
+           "random_fids", "shipped_schema", "slot_of"]
 
 SLOT_BITS = 15
 SIGNATURE_BITS = 48
@@ -187,3 +188,12 @@ def load_schema(path: str | Path) -> FeatureSchema:
         return FeatureSchema(slots=slots, dense=raw.get("dense", {}))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"feature schema {path}: {exc}") from exc
+
+
+SHIPPED_SCHEMA = Path(__file__).resolve().parent.parent / "model_repository" / "ranker" / "feature_schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_schema() -> FeatureSchema:
+    """The schema this package ships with its model repository (ranker and trainer both read it)."""
+    return load_schema(SHIPPED_SCHEMA)

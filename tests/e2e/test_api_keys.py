@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from server.client import InferError, RankerClient
-from server.features import load_schema
+from server.features import shipped_schema
 from server.front.auth import ENV_API_KEY_FILE, ApiKeyError, api_key_file_from, load_api_key
-from server.launcher import DEFAULT_MODEL_REPOSITORY, group_members
+from server.launcher import group_members
 from server.streams.records import FeatureRecord
 from server.streams import SegmentLogReader
 from server.supervisor import ServeProcess
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])
 KEY = secrets.token_hex(24)
 

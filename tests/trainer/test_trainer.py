@@ -2,15 +2,13 @@
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from server.client import RankerClient
-from server.features import PAD_FID, FeatureSchema, Slot, fid, load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from tests.logs import write_action, write_feature
+from server.features import PAD_FID, FeatureSchema, Slot, fid, shipped_schema
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.streams import SegmentLogWriter
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -18,7 +16,7 @@ from trainer.joiner import Joiner
 from trainer.model import TrainerModel, auc
 from trainer.online import OnlineConfig, OnlineTrainer
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 
 
 def batch(n, user_id=1, first_item=0):
@@ -87,17 +85,6 @@ def test_a_step_that_would_write_nan_is_skipped():
     assert model.skipped_steps == 1 and model.take_delta(2) is None
     for name, tensor in model.dense_state().items():
         assert torch.equal(tensor, dense_before[name]), name
-
-
-def write_feature(log, rid, items, t=1.0):
-    user, item_fids = SCHEMA.encode_request({"user_id": 1}, [{"item_id": i} for i in items])
-    log.append(FeatureRecord(rid, t, 0, user, item_fids, np.zeros(len(items), np.float32)).encode())
-    return item_fids
-
-
-def write_action(log, rid, item, label=1.0):
-    log.append(FeedbackRecord(rid, 1.0, 1.0, np.array([fid(10, item)], np.uint64), np.array([label], np.float32))
-               .encode())
 
 
 def test_joiner_joins_out_of_order_counts_late_and_samples_negatives(tmp_path):
@@ -283,99 +270,3 @@ def test_checkpoint_round_trip(tmp_path):
     other.train_step(user, items, np.ones(16, np.float32), now=9.0)
     for k, v in model.dense.state_dict().items():
         assert torch.allclose(other.dense.state_dict()[k], v), k  # Adam state restored too
-
-
-def test_positive_feedback_raises_the_items_score_within_seconds(tmp_path):
-    """Server + online trainer: a burst of clicks on one item shows in its score."""
-    data = tmp_path / "data"
-    with TritonServer(data) as server, RankerClient(server.grpc_url, "grpc") as client:
-        # A fresh model at the online default rate (0.05) moves a cold item's
-        # score only in the fourth decimal; the batch rate makes the rise
-        # unmistakable. The mechanism under test is the same either way (the
-        # freshness load test runs the defaults).
-        trainer = OnlineTrainer(SCHEMA, data, OnlineConfig(sync_interval_s=0.2, window_s=2.0, negative_rate=1.0,
-                                                           max_batch_delay_s=0.01, lr_sparse=0.5))
-        stop = threading.Event()
-        thread = threading.Thread(target=trainer.run, args=(stop,))
-        thread.start()
-        try:
-            user, items = SCHEMA.encode_request({"user_id": 77, "hour": 12},
-                                                [{"item_id": 500 + i, "item_genres": ["Comedy"]} for i in range(5)])
-            before, seq0 = client.rank(user, items, request_id=b"probe-0")
-            clicked_at = time.monotonic()
-            for k in range(40):
-                rid = f"burst-{k}".encode()
-                client.rank(user, items, request_id=rid)
-                client.feedback(rid, items[:1, 0], [1.0])
-            deadline = clicked_at + 10.0
-            while True:
-                scores, seq = client.rank(user, items, request_id=b"probe")
-                if seq > seq0 and scores[0] > before[0] + 0.05:
-                    break
-                assert time.monotonic() < deadline, f"score {scores[0]:.3f} (was {before[0]:.3f}) at seq {seq}"
-                time.sleep(0.05)
-            print(f"score of the clicked item {before[0]:.3f} -> {scores[0]:.3f} at seq {seq}, "
-                  f"{time.monotonic() - clicked_at:.2f} s after the first click")
-            assert scores[0] > scores[1:].max(), "the clicked item should now rank first"
-            while trainer.joiner.joined < 40:  # the last clicks may still be on their way
-                assert time.monotonic() < deadline, f"only {trainer.joiner.joined} of 40 clicks joined"
-                time.sleep(0.05)
-        finally:
-            stop.set()
-            thread.join()
-            trainer.close()
-    assert trainer.joiner.joined >= 40
-
-
-def test_kill_9_trainer_mid_run_loses_no_joined_example(tmp_path):
-    """Logs stream in while the trainer is SIGKILLed and restarted: in the end
-    every impression became exactly one example (negative_rate 1) and every
-    action was joined once, counted across the restart by the checkpoints."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    data = tmp_path / "data"
-    requests, candidates, actions = 240, 3, 120
-
-    def write_logs():
-        with SegmentLogWriter(data / "feature_log" / "ranker_0") as features, \
-                SegmentLogWriter(data / "feedback_log" / "feedback_0") as feedback:
-            for k in range(requests):
-                rid = f"r{k}".encode()
-                write_feature(features, rid, [k * 10 + c for c in range(candidates)])
-                if k % 2 == 0:
-                    write_action(feedback, rid, k * 10)
-                time.sleep(8.0 / requests)
-
-    def start():
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "train", "online", "--data-dir", str(data),
-                                 "--window-s", "1", "--negative-rate", "1", "--snapshot-interval-s", "0.3",
-                                 "--sync-interval-ms", "100"], stderr=subprocess.PIPE, text=True)
-
-    writer = threading.Thread(target=write_logs)
-    writer.start()
-    trainer = start()
-    deadline = time.monotonic() + 60
-    while not any((data / "trainer").glob("0*")):  # first checkpoint written
-        assert time.monotonic() < deadline and trainer.poll() is None, "trainer never checkpointed"
-        time.sleep(0.05)
-    time.sleep(0.4)  # mid-run: between checkpoints, logs still streaming
-    assert writer.is_alive(), "logs finished before the kill: make them longer"
-    os.kill(trainer.pid, signal.SIGKILL)
-    trainer.wait()
-    trainer = start()
-    writer.join()
-    time.sleep(3.0)  # every window (1 s) closes and is trained
-    trainer.send_signal(signal.SIGTERM)
-    _, err = trainer.communicate(timeout=60)
-    assert trainer.returncode == 0, err[-2000:]
-    assert "resumed from trainer checkpoint" in err
-    checkpoint = sorted((data / "trainer").iterdir())[-1]
-    counters = json.loads((checkpoint / "meta.json").read_text())["counters"]
-    assert counters["joined"] == actions
-    assert counters["examples"] == requests * candidates
-    assert counters["negatives"] == requests * candidates - actions
-    assert counters["late"] == 0

@@ -12,14 +12,14 @@ import urllib.request
 import pytest
 
 from server.client import InferError, RankerClient
-from server.features import fid, load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, group_members
+from server.features import fid, shipped_schema
+from server.launcher import TritonServer, group_members
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader, SegmentLogWriter
 from server.supervisor import EXIT_GAVE_UP, ServeProcess
 from updater.tools import SyntheticProducer
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])
 CRASH_BODY = b'{"inputs":[{"name":"x","datatype":"INT64","shape":[10000000000],"data":[0,1,2]}]}'
 

@@ -1,42 +1,13 @@
-"""Load-test machinery: percentile math, the open-loop schedule, and short real runs."""
+"""Short runs of the load tests, the demo and the soak against spawned servers."""
 
 import json
 
-import numpy as np
-import pytest
 
 from loadtest.freshness import run_freshness
-from loadtest.histogram import LatencyHistogram
-from loadtest.latency import LatencyConfig, _schedule, run_latency, write_report
-from server.features import load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from loadtest.latency import LatencyConfig, run_latency, write_report
+from server.features import shipped_schema
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
-
-
-def test_hdr_percentiles_match_a_known_distribution(rng):
-    samples = rng.exponential(2.0, 200_000)  # ms
-    h = LatencyHistogram()
-    for s in samples:
-        h.record_ms(s)
-    assert h.count == len(samples)
-    for q in (50, 90, 99, 99.9):
-        exact = np.percentile(samples, q)
-        assert h.percentile_ms(q) == pytest.approx(exact, rel=0.01, abs=0.002)
-    # and the analytic quantiles of Exp(mean 2): -2 ln(1 - q)
-    assert h.percentile_ms(99) == pytest.approx(-2 * np.log(0.01), rel=0.03)
-
-
-def test_open_loop_schedule_keeps_the_rate(rng):
-    constant = _schedule(100.0, 10.0, "constant", rng)
-    np.testing.assert_allclose(np.diff(constant), 0.01)
-    assert len(constant) == 1000
-    poisson = _schedule(200.0, 50.0, "poisson", rng)
-    assert abs(len(poisson) - 10_000) < 5 * np.sqrt(10_000)
-    gaps = np.diff(poisson)
-    assert gaps.mean() == pytest.approx(1 / 200, rel=0.05)
-    assert gaps.std() == pytest.approx(1 / 200, rel=0.1)  # exponential: std == mean
-    assert poisson.max() < 50.0 and np.all(gaps >= 0)
+SCHEMA = shipped_schema()
 
 
 def test_short_spawned_latency_run(tmp_path):
@@ -57,10 +28,12 @@ def test_short_spawned_latency_run(tmp_path):
     assert saved["ranker"]["server_side"]["compute_infer_us"] > 0
 
 
+
 def test_short_freshness_run():
     result = run_freshness(None, "grpc", probes=3, timeout_s=10.0, sync_interval_ms=100.0, schema=SCHEMA)
     assert result["probes"] == 3 and result["failed"] == 0
     assert 0 < result["p50_s"] <= result["max_s"] < 5.0
+
 
 
 def test_short_demo_run(tmp_path):
@@ -75,6 +48,7 @@ def test_short_demo_run(tmp_path):
     assert summary["latency_ms"]["count"] == summary["requests"]
     for name in ("summary.json", "latency.png", "quality.png"):
         assert (tmp_path / "report" / name).stat().st_size > 100
+
 
 
 def test_short_soak():

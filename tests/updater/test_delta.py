@@ -8,8 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.features import load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from server.features import shipped_schema
 from server.ranker import RankerRuntime
 from server.streams import SegmentLogWriter
 from server.snapshot import load_latest_snapshot, write_snapshot
@@ -19,7 +18,7 @@ from updater.delta import DENSE, SPARSE, DeltaError, DeltaRecord
 from updater.stream import FileDeltaReader, FileDeltaWriter
 from updater.tools import inspect, verify
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 
 
 @st.composite

@@ -10,8 +10,8 @@ import torch
 
 from server.client import RankerClient
 from server.dense import build_dense
-from server.features import PAD_FID, load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.features import PAD_FID, shipped_schema
+from server.launcher import TritonServer
 from server.streams import SegmentLogWriter
 from server.snapshot import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
@@ -19,7 +19,7 @@ from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 from updater.tools import SyntheticProducer, scan
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 5, "hour": 7}, [{"item_id": i, "item_genres": ["Drama"]}
                                                               for i in range(10)])
 

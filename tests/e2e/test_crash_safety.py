@@ -33,8 +33,8 @@ from collections import Counter
 import torch
 
 from server.client import RankerClient
-from server.features import load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.features import shipped_schema
+from server.launcher import TritonServer
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader
 from server.snapshot import list_snapshots, load_latest_snapshot
@@ -42,7 +42,7 @@ from server.table import EmbeddingTable
 from server.tensor_io import decode_tensors
 from updater.tools import scan, verify
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 
 
 def start_trainer(data, snapshot_interval_s=1.0, dense_interval_s=2.0):

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from server.features import PAD_FID, load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from server.features import PAD_FID, shipped_schema
 from server.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, _Pooling, parse_rank_request
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 
 
 def reference_pool(rows, fids, slots):

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from server.client import InferError, RankerClient
 from server.dense import build_dense
-from server.features import fid, load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.features import fid, shipped_schema
+from server.launcher import TritonServer
 from server.ranker import RankerRuntime, RankRequest
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.streams import SegmentLogReader
 from server.snapshot import write_snapshot
 from server.table import EmbeddingTable
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 PROTOCOLS = ["http", "grpc"]
 
 

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 
-from server.features import load_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from server.features import shipped_schema
 from trainer.calibration import expected_calibration_error, run_calibration
 from trainer.experiments import _hashed, run_collisions, run_sync_interval, write_outputs
 
-SCHEMA = load_schema(DEFAULT_MODEL_REPOSITORY / "ranker" / "feature_schema.json")
+SCHEMA = shipped_schema()
 
 
 def test_hashing_collides_as_asked_and_keeps_padding(rng):
