@@ -20,88 +20,62 @@ def _element_pointer(context, builder, arr_type, arr_value, index_type, index_va
     return cgutils.get_item_pointer(context, builder, arr_type, array, [index])
 
 
-@intrinsic
-def load_acquire(typingctx, arr, index):
-    """``arr[index]`` as an acquire load: later memory reads stay after it."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
-        return None
-    sig = types.uint64(arr, index)
-
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        return builder.load_atomic(ptr, "acquire", 8)
-
-    return sig, codegen
+def _is_u64_vector(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1
 
 
-@intrinsic
-def load_relaxed(typingctx, arr, index):
-    """``arr[index]`` as a monotonic atomic load: never merged with another."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
-        return None
-    sig = types.uint64(arr, index)
+def _atomic_load(ordering: str, doc: str):
+    def load(typingctx, arr, index):
+        if not _is_u64_vector(arr):
+            return None
+        sig = types.uint64(arr, index)
 
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        return builder.load_atomic(ptr, "monotonic", 8)
+        def codegen(context, builder, signature, args):
+            ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+            return builder.load_atomic(ptr, ordering, 8)
 
-    return sig, codegen
+        return sig, codegen
 
-
-@intrinsic
-def store_release(typingctx, arr, index, value):
-    """``arr[index] = value`` as a release store: earlier writes are visible first."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
-        return None
-    sig = types.void(arr, index, types.uint64)
-
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        val = context.cast(builder, args[2], signature.args[2], types.uint64)
-        builder.store_atomic(val, ptr, "release", 8)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    load.__doc__ = doc
+    return intrinsic(load)
 
 
-@intrinsic
-def store_relaxed(typingctx, arr, index, value):
-    """``arr[index] = value`` as a monotonic atomic store."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint64 and arr.ndim == 1):
-        return None
-    sig = types.void(arr, index, types.uint64)
+def _atomic_store(ordering: str, doc: str):
+    def store(typingctx, arr, index, value):
+        if not _is_u64_vector(arr):
+            return None
+        sig = types.void(arr, index, types.uint64)
 
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        val = context.cast(builder, args[2], signature.args[2], types.uint64)
-        builder.store_atomic(val, ptr, "monotonic", 8)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            ptr = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+            val = context.cast(builder, args[2], signature.args[2], types.uint64)
+            builder.store_atomic(val, ptr, ordering, 8)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
 
-
-@intrinsic
-def fence_acquire(typingctx):
-    """Earlier loads complete before any later load or store."""
-    sig = types.void()
-
-    def codegen(context, builder, signature, args):
-        builder.fence("acquire")
-        return context.get_dummy_value()
-
-    return sig, codegen
+    store.__doc__ = doc
+    return intrinsic(store)
 
 
-@intrinsic
-def fence_release(typingctx):
-    """Earlier loads and stores complete before any later store."""
-    sig = types.void()
+def _fence(ordering: str, doc: str):
+    def fence(typingctx):
+        def codegen(context, builder, signature, args):
+            builder.fence(ordering)
+            return context.get_dummy_value()
 
-    def codegen(context, builder, signature, args):
-        builder.fence("release")
-        return context.get_dummy_value()
+        return types.void(), codegen
 
-    return sig, codegen
+    fence.__doc__ = doc
+    return intrinsic(fence)
+
+
+load_acquire = _atomic_load("acquire", "``arr[index]`` as an acquire load: later memory reads stay after it.")
+load_relaxed = _atomic_load("monotonic", "``arr[index]`` as a monotonic atomic load: never merged with another.")
+store_release = _atomic_store("release", "``arr[index] = value`` as a release store: earlier writes are visible first.")
+store_relaxed = _atomic_store("monotonic", "``arr[index] = value`` as a monotonic atomic store.")
+fence_acquire = _fence("acquire", "Earlier loads complete before any later load or store.")
+fence_release = _fence("release", "Earlier loads and stores complete before any later store.")
 
 
 @intrinsic

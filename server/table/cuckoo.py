@@ -447,6 +447,14 @@ def upsert_batch(keys, rows, stamps, versions, fids, values, row_stamps, admit, 
     return OK, n, count
 
 
+@numba.njit(inline="always")
+def _clear(keys, versions, pos):
+    bucket = pos // SLOTS
+    _begin_write(versions, bucket)
+    keys[pos] = EMPTY_KEY
+    _end_write(versions, bucket)
+
+
 @numba.njit(cache=True, nogil=True)
 def delete_batch(keys, versions, fids, deleted):
     """Removes each of fids; deleted[i] says whether fids[i] was present.
@@ -461,10 +469,7 @@ def delete_batch(keys, versions, fids, deleted):
         b0, b1 = _buckets(key, mask)
         pos = _find(keys, b0, b1, key)
         if pos >= 0:
-            bucket = pos // SLOTS
-            _begin_write(versions, bucket)
-            keys[pos] = EMPTY_KEY
-            _end_write(versions, bucket)
+            _clear(keys, versions, pos)
             deleted[i] = True
             removed += 1
     return removed
@@ -478,10 +483,7 @@ def evict_by_slot(keys, stamps, versions, cutoffs, shift, out_fids):
     for pos in range(keys.shape[0]):
         key = keys[pos]
         if key != EMPTY_KEY and stamps[pos] < cutoffs[np.int64(key >> shift)]:
-            bucket = pos // SLOTS
-            _begin_write(versions, bucket)
-            keys[pos] = EMPTY_KEY
-            _end_write(versions, bucket)
+            _clear(keys, versions, pos)
             out_fids[n] = key
             n += 1
     return n
