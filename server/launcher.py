@@ -5,7 +5,8 @@ Where things come from:
               (pytriton/tritonserver/bin), else ``tritonserver`` on PATH
               (the official container)
     backend   with the wheel's binary: a backend directory is assembled under
-              the data dir, symlinking the wheel's libtriton_python.so and the
+              $TMPDIR/monolith-rt-backends-<uid>/ (a path without spaces: the
+              stub is started through a shell), symlinking the wheel's libtriton_python.so and the
               Python-backend stub built for *this* interpreter's version
               (symlinks keep the libraries' $ORIGIN rpath working); with any
               other binary, that install's own backends are used
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -68,9 +70,13 @@ def find_tritonserver(explicit: str | os.PathLike | None = None) -> Path:
                             "or pass --tritonserver PATH")
 
 
-def assemble_backend_dir(target: Path) -> Path | None:
+def assemble_backend_dir(target: Path | None = None) -> Path | None:
     """Builds <target>/python from the wheel for this interpreter; None when
-    the wheel is absent (the binary's own backends apply)."""
+    the wheel is absent (the binary's own backends apply). The default target
+    is a per-user folder under the temp dir, not the data dir: the Python
+    backend starts its stub through a shell without quoting, so the stub's
+    path must hold no whitespace (a data dir may). Links are replaced
+    atomically, so servers starting together can share the folder."""
     root = _pytriton_root()
     if root is None:
         return None
@@ -78,6 +84,9 @@ def assemble_backend_dir(target: Path) -> Path | None:
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise FileNotFoundError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+    if target is None:
+        target = Path(tempfile.gettempdir()) / f"monolith-rt-backends-{os.getuid()}" / f"py{version}"
+    _require_no_whitespace("the Triton backend directory", target)
     python_dir = target / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     links = {
@@ -87,10 +96,19 @@ def assemble_backend_dir(target: Path) -> Path | None:
     }
     for name, source in links.items():
         link = python_dir / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(source)
+        if link.is_symlink() and os.readlink(link) == str(source):
+            continue
+        temporary = python_dir / f".{name}.{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(source)
+        os.replace(temporary, link)
     return target
+
+
+def _require_no_whitespace(what: str, path: Path) -> None:
+    if any(c.isspace() for c in str(path)):
+        raise ValueError(f"{what} {str(path)!r} contains whitespace; Triton's Python backend starts its stub "
+                         "through a shell without quoting, so it requires a path without spaces")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -189,8 +207,9 @@ class TritonServer:
             "--pinned-memory-pool-byte-size=0",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
+        _require_no_whitespace("the model repository", self.model_repository)
         if self.tritonserver is None:
-            backends = assemble_backend_dir(self.data_dir / "triton-backends")
+            backends = assemble_backend_dir()
             if backends is not None:
                 cmd.append(f"--backend-directory={backends}")
         return cmd + list(self.extra_args)

@@ -266,3 +266,9 @@ def test_a_batch_dimension_above_one_is_refused(client):
                "request_id": np.array([[b"a"], [b"b"]], dtype=np.object_)}
     with pytest.raises(InferError, match="batch dimension of 1"):
         client.infer("ranker", tensors, ["scores"])
+
+
+def test_a_data_dir_with_spaces_serves(tmp_path):
+    with TritonServer(tmp_path / "data dir with spaces") as spaced, RankerClient(spaced.grpc_url, "grpc") as client:
+        user, items = request_for(1, [1, 2])
+        assert client.rank(user, items, request_id=b"spaces")[0].shape == (2,)
