@@ -172,6 +172,20 @@ class RankerRuntime:
         self.data_dir = Path(data_dir)
         self._user_pool = _Pooling(schema.user_slots)
         self._item_pool = _Pooling(schema.item_slots)
+        self._load_state()
+        writer = SegmentLogWriter(self.data_dir / "feature_log" / instance, fsync="batch",
+                                  segment_bytes=segment_bytes_from_env())
+        self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}")
+        self.rejected: Counter[str] = Counter()
+        self.updater = None
+        if apply_deltas:
+            self.updater = self._make_updater()
+            self._start_updater()
+
+    def _load_state(self) -> None:
+        """Sets table, dense, delta_seq, _snapshot_seq and startup_message
+        from the newest snapshot (or empty)."""
+        schema = self.schema
         dense = build_dense(schema.num_fields, schema.dim, schema.dense)
         snapshot = load_latest_snapshot(self.data_dir)
         if snapshot is None:
@@ -190,23 +204,25 @@ class RankerRuntime:
             self.startup_message = (f"loaded snapshot {snapshot.path}: {len(self.table)} rows, "
                                     f"delta_seq {self.delta_seq}")
         self.dense = dense
-        writer = SegmentLogWriter(self.data_dir / "feature_log" / instance, fsync="batch",
-                                  segment_bytes=segment_bytes_from_env())
-        self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}")
-        self.rejected: Counter[str] = Counter()
-        self.updater = None
-        if apply_deltas:
-            from updater.applier import DeltaApplier
-            from updater.stream import FileDeltaReader
 
-            deltas = self.data_dir / "deltas"
-            self.updater = DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
-                                        load_snapshot=lambda: load_latest_snapshot(self.data_dir)).start()
+    def _make_updater(self):
+        from updater.applier import DeltaApplier
+        from updater.stream import FileDeltaReader
+
+        deltas = self.data_dir / "deltas"
+        return DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
+                            load_snapshot=lambda: load_latest_snapshot(self.data_dir))
+
+    def _start_updater(self) -> None:
+        self.updater.start()
+
+    def _serving_state(self):
+        """(delta_seq, dense) for one batch, read once."""
+        return self.delta_seq, self.dense
 
     def score(self, requests: Sequence[RankRequest]) -> tuple[list[np.ndarray], int]:
         """Probabilities for each request's candidates, and the delta_seq they saw."""
-        seq = self.delta_seq
-        dense = self.dense
+        seq, dense = self._serving_state()
         counts = np.array([r.item_fids.shape[0] for r in requests])
         user = np.stack([r.user_fids for r in requests])  # [R, Wu]
         items = np.concatenate([r.item_fids for r in requests])  # [T, Wi]

@@ -93,7 +93,8 @@ class DeltaApplier:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # started (a shared table's reader starts it on takeover)
+            self._thread.join(timeout_s)
 
     @property
     def running(self) -> bool:
