@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 DELTA_SEQ, DENSE_VERSION, SERVER_PID, SNAPSHOT_SEQ = range(4)
 DENSE_BLOB = "dense"
 LEASE_RETRY_S = 0.5
-FOLLOW_INTERVAL_S = 0.01
+FOLLOW_INTERVAL_S = 0.05  # dense loads are rare; a batch that sees a newer version first loads it itself
 
 
 def process_identity(pid: int) -> int | None:
