@@ -13,12 +13,16 @@ Memory, from /proc after the windows (every instance has served by then):
                                       of their mappings of the table (smaps); a private copy
                                       would count in full
     table_private_bytes_by_instance   the same, per stub
+    table_pss_bytes_by_instance       Pss of those mappings per stub: each shared page split
+                                      among the processes mapping it (their sum is the table's
+                                      resident bytes, counted once)
     stub_rss_bytes                    VmRSS of each ranker stub (for information)
 
 smaps counts a page as Private when only one process maps it, MAP_SHARED or
-not: with one instance the whole table is "private" to it, and with N the
-creator (which wrote every row) holds privately the pages no other instance
-has touched yet. The bytes still exist once in /dev/shm.
+not: with one instance every table page it touched is "private" to it, and
+with N, a page only one instance has read so far is private to that one.
+The bytes still exist once, in /dev/shm. (The creator unmaps the pages it
+filled from the snapshot, so it holds only what it reads, like the others.)
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             directory = shm_directory(data_dir)
             table_bytes = sum(p.stat().st_size for p in directory.glob("gen-*") if p.suffix[1:] in _PARTS)
             private = [mapping_bytes(pid, str(directory)) for pid in stubs] if shared_table else None
+            pss = [mapping_bytes(pid, str(directory), ("Pss",)) for pid in stubs] if shared_table else None
             rss = [_rss_bytes(pid) for pid in stubs]
     rps = counted["ranker"][0] / counted["ranker"][1]
     baseline_rps = counted["baseline"][0] / counted["baseline"][1]
@@ -112,7 +117,8 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             "baseline_rps": round(baseline_rps, 1), "rps_ratio_vs_baseline": round(rps / baseline_rps, 3),
             "table_bytes": table_bytes if shared_table else None,
             "table_private_bytes_per_instance": max(private) if private else None,
-            "table_private_bytes_by_instance": private, "stub_rss_bytes": rss}
+            "table_private_bytes_by_instance": private, "table_pss_bytes_by_instance": pss,
+            "stub_rss_bytes": rss}
 
 
 def bench_instances(schema: FeatureSchema, counts: list[int], rows: int, candidates: int = 100,

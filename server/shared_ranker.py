@@ -40,6 +40,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -281,3 +282,16 @@ def _replace_rows(table: SharedEmbeddingTable, other: EmbeddingTable) -> None:
         table._state = new
         table._count = len(other)
         table._newest_stamp = other.newest_stamp
+    for array in (new.keys, new.rows, new.stamps):
+        _drop_pages(array)
+
+
+def _drop_pages(array) -> None:
+    """Unmaps this process's pages of a shared mapping (the data stays in the
+    file): a writer that filled a whole generation then holds only the pages it
+    reads again, like every other instance, not a private-looking copy."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is not None:
+        base.madvise(mmap.MADV_DONTNEED)
