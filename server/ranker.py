@@ -240,6 +240,7 @@ class RankerRuntime:
                             load_snapshot=lambda: load_latest_snapshot(self.data_dir))
 
     def _start_updater(self) -> None:
+        self.updater.catch_up()  # before Triton calls us ready
         self.updater.start()
 
     def _serving_state(self):

@@ -226,6 +226,7 @@ class SharedRankerRuntime(RankerRuntime):
 
     def _start_updater(self) -> None:
         if self._shared.is_writer:
+            self.updater.catch_up()  # before Triton calls this instance ready
             self.updater.start()
         self._follower = threading.Thread(target=self._follow, name="shared-follower", daemon=True)
         self._follower.start()
