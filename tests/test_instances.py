@@ -25,6 +25,8 @@ USER, ITEMS = SCHEMA.encode_request({"user_id": 5, "hour": 7}, [{"item_id": i, "
                                                               for i in range(20)])
 FIDS = np.unique(np.concatenate([USER, ITEMS.ravel()]))
 FIDS = FIDS[FIDS != PAD_FID]
+# One FID in all: its score tells which whole row it was computed from (a torn row matches none).
+PROBE_USER, PROBE_ITEMS = SCHEMA.encode_request({}, [{"item_id": 7}])
 
 
 def rows_of(seq: int, fids: np.ndarray) -> np.ndarray:
@@ -33,12 +35,14 @@ def rows_of(seq: int, fids: np.ndarray) -> np.ndarray:
     return (base + np.float32(seq % 7) / 10 + np.arange(SCHEMA.dim, dtype=np.float32) / 100).astype(np.float32)
 
 
-def reference_scores(tmp_path, seq: int) -> np.ndarray:
+def reference_scores(tmp_path, seq: int, user=USER, items=ITEMS) -> np.ndarray:
     """What the request scores once record ``seq`` set the request's rows (default dense weights)."""
-    runtime = RankerRuntime(SCHEMA, tmp_path / "reference", "ref", apply_deltas=False)
+    runtime = RankerRuntime(SCHEMA, tmp_path / f"reference-{seq}", "ref", apply_deltas=False)
     try:
-        runtime.table.upsert(FIDS, rows_of(seq, FIDS), now=1.0)
-        return runtime.score([RankRequest(b"r", 1.0, USER, ITEMS)])[0][0]
+        fids = np.unique(np.concatenate([user, items.ravel()]))
+        fids = fids[fids != PAD_FID]
+        runtime.table.upsert(fids, rows_of(seq, fids), now=1.0)
+        return runtime.score([RankRequest(b"r", 1.0, user, items)])[0][0]
     finally:
         runtime.close(snapshot=False)
 
@@ -63,8 +67,9 @@ def wait_until(predicate, what, timeout_s=60.0):
 class Traffic:
     """Threads sending the same request until stopped; keeps every (scores, seq) and every error."""
 
-    def __init__(self, url, threads=3):
+    def __init__(self, url, threads=3, user=USER, items=ITEMS):
         self.answers, self.errors = [], []
+        self._request = user, items
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(url,), daemon=True) for _ in range(threads)]
         for thread in self._threads:
@@ -74,7 +79,7 @@ class Traffic:
         with RankerClient(url, "grpc") as client:
             while not self._stop.is_set():
                 try:
-                    self.answers.append(client.rank(USER, ITEMS, request_id=b"traffic"))
+                    self.answers.append(client.rank(*self._request, request_id=b"traffic"))
                 except InferError as exc:
                     self.errors.append(str(exc))
 
@@ -139,11 +144,13 @@ def test_kill_9_of_the_writer_stub_under_traffic_another_takes_over(two_instance
     writer_pid = lambda: int(np.fromfile(control, dtype=np.uint64)[WRITER_PID])  # noqa: E731
     stubs = lambda: {pid for pid, state, ppid, _ in processes() if ppid == server.process.pid and state != "Z"}  # noqa: E731
     traffic = Traffic(server.grpc_url)
+    probes = Traffic(server.grpc_url, threads=1, user=PROBE_USER, items=PROBE_ITEMS)
     rng = np.random.default_rng(5)
     final = 120
+    probe_fid = PROBE_ITEMS[PROBE_ITEMS != PAD_FID]
     with FileDeltaWriter(server.data_dir / "deltas") as deltas:
         for seq in range(1, final + 1):
-            fids = np.concatenate([FIDS, rng.integers(1, 2**60, 2000, dtype=np.uint64)])
+            fids = np.concatenate([FIDS, probe_fid, rng.integers(1, 2**60, 2000, dtype=np.uint64)])
             deltas.append(DeltaRecord.sparse(seq, time.time(), fids, rows_of(seq, fids)))
             if seq == 40:
                 wait_until(lambda: served_seq(server) >= 20, "deltas applied before the kill")
@@ -153,6 +160,14 @@ def test_kill_9_of_the_writer_stub_under_traffic_another_takes_over(two_instance
     wait_until(lambda: writer_pid() != victim and writer_pid() in stubs(), "another stub holding the writer lease")
     wait_until(lambda: served_seq(server) == final, f"serving caught up to delta_seq {final}")
     traffic.stop()
+    probes.stop()
+    whole = {seq: reference_scores(tmp_path, seq, PROBE_USER, PROBE_ITEMS)[0] for seq in range(1, 8)}
+    absent = RankerRuntime(SCHEMA, tmp_path / "absent", "ref", apply_deltas=False)
+    whole[0] = absent.score([RankRequest(b"r", 1.0, PROBE_USER, PROBE_ITEMS)])[0][0][0]  # before record 1
+    absent.close(snapshot=False)
+    assert probes.answers and all("not healthy" in error for error in probes.errors)
+    for scores, seq in probes.answers:  # every probe was scored from a whole row (rows_of repeats every 7 seqs)
+        assert any(np.isclose(scores[0], value, rtol=1e-5) for value in whole.values()), (seq, scores)
     expected = reference_scores(tmp_path, final)
     answered = 0
     with RankerClient(server.grpc_url, "grpc") as client:
