@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from server.dense import build_dense
+from server.dense_numpy import NumpyDeepFM
 from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, Slot, slot_of
 from server.records import FeatureRecord
 from server.segment_log import BackgroundAppender, SegmentLogWriter, segment_bytes_from_env
@@ -259,9 +260,22 @@ class RankerRuntime:
         user_fields = self._user_pool(rows[:split].reshape(*user.shape, k), user)  # [R, Fu, K]
         item_fields = self._item_pool(rows[split:].reshape(*items.shape, k), items)  # [T, Fi, K]
         fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1)
-        with torch.inference_mode():
-            probs = torch.sigmoid(dense(torch.from_numpy(fields))).numpy()
-        return np.split(probs, np.cumsum(counts)[:-1]), seq
+        probs = self._forward(dense)(fields)
+        ends = np.cumsum(counts).tolist()
+        return [probs[a:b] for a, b in zip([0] + ends[:-1], ends)], seq
+
+    def _forward(self, dense):
+        """The numpy forward of ``dense`` (built once per dense version, on the execute thread);
+        a module that is not a DeepFM runs in torch."""
+        if dense is not getattr(self, "_forward_of", None):
+            try:
+                forward = NumpyDeepFM(dense)
+            except TypeError:
+                def forward(fields, module=dense):
+                    with torch.inference_mode():
+                        return torch.sigmoid(module(torch.from_numpy(fields))).numpy()
+            self._forward_fn, self._forward_of = forward, dense
+        return self._forward_fn
 
     def log_scored(self, request: RankRequest, scores: np.ndarray, seq: int) -> bool:
         """Queues the request's feature record; False (and counted as shed) if
