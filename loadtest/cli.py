@@ -145,6 +145,24 @@ def add_commands(commands, bench) -> None:
     recovery.add_argument("--json", action="store_true", help="print one JSON object")
     recovery.set_defaults(run=_run_bench_recovery)
 
+    instances = bench.add_parser(
+        "instances", help="ranker throughput and table memory per instance count",
+        description="For each --instances count, spawns monolith-rt serve with that many ranker instances over a "
+        "snapshot of --rows rows and measures, in alternating closed-loop windows on tritonserver's own gRPC "
+        "port, the ranker's req/s and the baseline model's (same tensors); then the table's bytes and, from "
+        "/proc/<pid>/smaps, the table bytes each ranker stub holds privately.")
+    instances.add_argument("--instances", default="1,2", help="comma-separated instance counts (default 1,2)")
+    instances.add_argument("--rows", type=positive_int, default=2_000_000, help="table rows (default 2000000)")
+    instances.add_argument("--candidates", type=positive_int, default=100, help="candidates per request (default 100)")
+    instances.add_argument("--concurrency", type=positive_int, default=8, help="clients in flight (default 8)")
+    instances.add_argument("--window-s", type=float, default=5.0, help="seconds per window (default 5)")
+    instances.add_argument("--rounds", type=positive_int, default=2, help="windows per model (default 2)")
+    instances.add_argument("--private-table", action="store_true",
+                           help="each instance with its own private table (model parameter shared_table false)")
+    instances.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    instances.add_argument("--json", action="store_true", help="print one JSON object")
+    instances.set_defaults(run=_run_bench_instances)
+
 
 def _run_bench_serving(args: argparse.Namespace) -> int:
     from loadtest.serving_bench import bench_serving, format_serving_report
@@ -240,3 +258,13 @@ def _run_soak(args: argparse.Namespace) -> int:
          f"RSS MB server {r['server_rss_mb']}, trainer {r['trainer_rss_mb']}; table rows {r['table_rows']}; "
          f"disk bytes {r['disk_bytes']}; freshness p50 {r['freshness_p50_s']} s")
     return 0 if result["errors"] == 0 else 1
+
+
+def _run_bench_instances(args: argparse.Namespace) -> int:
+    from loadtest.instances_bench import bench_instances, format_instances_report
+
+    counts = [int(c) for c in args.instances.split(",") if c.strip()]
+    result = bench_instances(schema(), counts, args.rows, args.candidates, args.concurrency, args.window_s,
+                             args.rounds, args.seed, shared_table=not args.private_table)
+    emit(result, args.json, format_instances_report)
+    return 0

@@ -282,6 +282,9 @@ class TritonServer:
         if shm.is_dir():
             for leftover in shm.glob(f"{self.shm_prefix}*"):
                 leftover.unlink(missing_ok=True)
+        from server.table.shared import shm_directory
+
+        shutil.rmtree(shm_directory(self.data_dir), ignore_errors=True)  # the ranker's shared table
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -19,6 +19,7 @@ never mixes two dense versions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,9 +33,10 @@ import numpy as np
 import torch
 
 from server.dense import build_dense
-from server.features import PAD_FID, FeatureSchema, Slot, slot_of
-from server.streams.records import FeatureRecord
+from server.dense_numpy import NumpyDeepFM
+from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, Slot, slot_of
 from server.streams import DELTAS, FEATURES, BackgroundAppender, Streams, segment_bytes_from_env
+from server.streams.records import FeatureRecord
 from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EMPTY_KEY, EmbeddingTable
 
@@ -44,6 +46,10 @@ MAX_CANDIDATES = 4096
 MAX_REQUEST_ID_BYTES = 256
 FEATURE_LOG_QUEUE = 10_000
 FEATURE_LOG_SUBMIT_TIMEOUT_S = 0.05
+FEATURE_LOG_LINGER_S = 0.02  # one append run + fsync per 20 ms under load, not per batch
+EMPTY_KEY_U64 = np.uint64(EMPTY_KEY)
+SHIFT_U64 = np.uint64(SIGNATURE_BITS)
+PAD_U64 = np.uint64(PAD_FID)
 
 
 class RequestError(ValueError):
@@ -68,21 +74,41 @@ def _expect(name: str, value: np.ndarray | None, dtype, ndim: int) -> np.ndarray
     return value
 
 
-def _column_slots(slots: Sequence[Slot]) -> np.ndarray:
-    return np.concatenate([np.full(s.max_values, s.slot, dtype=np.int64) for s in slots])
+@functools.lru_cache(maxsize=16)
+def _column_slots(slots: tuple[Slot, ...]) -> np.ndarray:
+    """Slot id of each request-layout column (computed once per schema side)."""
+    columns = np.concatenate([np.full(s.max_values, s.slot, dtype=np.int64) for s in slots])
+    columns.flags.writeable = False
+    return columns
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_bad_fid(fids, column_slots):
+    """Flat index of the first FID that is EMPTY_KEY or of another slot than its column, else -1.
+    (The slot is the FID's top bits: server.features.slot_of, copied here for speed.)"""
+    flat = fids.reshape(-1)
+    width = column_slots.shape[0]
+    for i in range(flat.shape[0]):
+        fid = flat[i]
+        if fid == EMPTY_KEY_U64:
+            return i
+        if fid != PAD_U64 and np.int64(fid >> SHIFT_U64) != column_slots[i % width]:
+            return i
+    return -1
 
 
 def _check_fids(name: str, fids: np.ndarray, column_slots: np.ndarray) -> None:
+    if _first_bad_fid(np.ascontiguousarray(fids), column_slots) < 0:
+        return
     if np.any(fids == EMPTY_KEY):
         where = np.argwhere(fids == EMPTY_KEY)[0].tolist()
         raise RequestError(f"input '{name}' holds the reserved value 2**64-1 at {where}")
     wrong = (fids != PAD_FID) & (slot_of(fids) != column_slots)
-    if np.any(wrong):
-        where = tuple(np.argwhere(wrong)[0].tolist())
-        raise RequestError(
-            f"input '{name}' at {list(where)} holds a FID of slot {int(slot_of(fids[where]))}, "
-            f"but that column is slot {int(column_slots[where[-1]])} (see the feature schema layout)"
-        )
+    where = tuple(np.argwhere(wrong)[0].tolist())
+    raise RequestError(
+        f"input '{name}' at {list(where)} holds a FID of slot {int(slot_of(fids[where]))}, "
+        f"but that column is slot {int(column_slots[where[-1]])} (see the feature schema layout)"
+    )
 
 
 def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureSchema, now_s: float) -> RankRequest:
@@ -172,6 +198,21 @@ class RankerRuntime:
         self.data_dir = Path(data_dir)
         self._user_pool = _Pooling(schema.user_slots)
         self._item_pool = _Pooling(schema.item_slots)
+        self._load_state()
+        writer = Streams(self.data_dir).open_writer(FEATURES, instance, fsync="batch",
+                                                    segment_bytes=segment_bytes_from_env())
+        self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}",
+                                              linger_s=FEATURE_LOG_LINGER_S)
+        self.rejected: Counter[str] = Counter()
+        self.updater = None
+        if apply_deltas:
+            self.updater = self._make_updater()
+            self._start_updater()
+
+    def _load_state(self) -> None:
+        """Sets table, dense, delta_seq, _snapshot_seq and startup_message
+        from the newest snapshot (or empty)."""
+        schema = self.schema
         dense = build_dense(schema.num_fields, schema.dim, schema.dense)
         snapshot = load_latest_snapshot(self.data_dir)
         if snapshot is None:
@@ -190,23 +231,26 @@ class RankerRuntime:
             self.startup_message = (f"loaded snapshot {snapshot.path}: {len(self.table)} rows, "
                                     f"delta_seq {self.delta_seq}")
         self.dense = dense
-        writer = Streams(self.data_dir).open_writer(FEATURES, instance, fsync="batch",
-                                  segment_bytes=segment_bytes_from_env())
-        self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}")
-        self.rejected: Counter[str] = Counter()
-        self.updater = None
-        if apply_deltas:
-            from updater.applier import DeltaApplier
-            from updater.stream import FileDeltaReader
 
-            deltas = Streams(self.data_dir).path(DELTAS)
-            self.updater = DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
-                                        load_snapshot=lambda: load_latest_snapshot(self.data_dir)).start()
+    def _make_updater(self):
+        from updater.applier import DeltaApplier
+        from updater.stream import FileDeltaReader
+
+        deltas = Streams(self.data_dir).path(DELTAS)
+        return DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
+                            load_snapshot=lambda: load_latest_snapshot(self.data_dir))
+
+    def _start_updater(self) -> None:
+        self.updater.catch_up()  # before Triton calls us ready
+        self.updater.start()
+
+    def _serving_state(self):
+        """(delta_seq, dense) for one batch, read once."""
+        return self.delta_seq, self.dense
 
     def score(self, requests: Sequence[RankRequest]) -> tuple[list[np.ndarray], int]:
         """Probabilities for each request's candidates, and the delta_seq they saw."""
-        seq = self.delta_seq
-        dense = self.dense
+        seq, dense = self._serving_state()
         counts = np.array([r.item_fids.shape[0] for r in requests])
         user = np.stack([r.user_fids for r in requests])  # [R, Wu]
         items = np.concatenate([r.item_fids for r in requests])  # [T, Wi]
@@ -216,9 +260,22 @@ class RankerRuntime:
         user_fields = self._user_pool(rows[:split].reshape(*user.shape, k), user)  # [R, Fu, K]
         item_fields = self._item_pool(rows[split:].reshape(*items.shape, k), items)  # [T, Fi, K]
         fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1)
-        with torch.inference_mode():
-            probs = torch.sigmoid(dense(torch.from_numpy(fields))).numpy()
-        return np.split(probs, np.cumsum(counts)[:-1]), seq
+        probs = self._forward(dense)(fields)
+        ends = np.cumsum(counts).tolist()
+        return [probs[a:b] for a, b in zip([0] + ends[:-1], ends)], seq
+
+    def _forward(self, dense):
+        """The numpy forward of ``dense`` (built once per dense version, on the execute thread);
+        a module that is not a DeepFM runs in torch."""
+        if dense is not getattr(self, "_forward_of", None):
+            try:
+                forward = NumpyDeepFM(dense)
+            except TypeError:
+                def forward(fields, module=dense):
+                    with torch.inference_mode():
+                        return torch.sigmoid(module(torch.from_numpy(fields))).numpy()
+            self._forward_fn, self._forward_of = forward, dense
+        return self._forward_fn
 
     def log_scored(self, request: RankRequest, scores: np.ndarray, seq: int) -> bool:
         """Queues the request's feature record; False (and counted as shed) if

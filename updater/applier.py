@@ -93,7 +93,29 @@ class DeltaApplier:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # started (a shared table's reader starts it on takeover)
+            self._thread.join(timeout_s)
+
+    def catch_up(self) -> None:
+        """Applies, on the caller's thread, the records already in the stream
+        after the current seq (call before ``start``: a server then answers its
+        first request at the stream's end, never behind what it served before a
+        restart). Stops quietly at the end of the stream or at the first fault;
+        the thread, once started, deals with that fault as usual."""
+        try:
+            reader = self._open_reader(self.runtime.delta_seq)
+        except Exception as exc:
+            log.warning("delta catch-up could not open the stream: %r", exc)
+            return
+        try:
+            while records := reader.read(max_records=64):
+                for record in records:
+                    if self.apply(record) is not None:
+                        return
+        except Exception as exc:
+            log.warning("delta catch-up stopped at delta_seq %d: %r", self.runtime.delta_seq, exc)
+        finally:
+            reader.close()
 
     @property
     def running(self) -> bool:

@@ -4,6 +4,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -82,10 +83,15 @@ def test_health_is_open_and_metadata_is_not(serve):
 def test_refused_requests_are_not_logged(serve):
     with RankerClient(serve.grpc_url, "grpc", api_key=KEY) as client:
         client.rank(USER, ITEMS, request_id=b"marker-after")  # flushes after the refused ones
-    logged = set()
-    for instance in (serve.data_dir / "feature_log").iterdir():
-        with SegmentLogReader(instance) as reader:
-            logged |= {FeatureRecord.decode(p).request_id for _, p in reader.read()}
+    deadline = time.monotonic() + 10  # the feature log is written off the request thread
+    while True:
+        logged = set()
+        for instance in (serve.data_dir / "feature_log").iterdir():
+            with SegmentLogReader(instance) as reader:
+                logged |= {FeatureRecord.decode(p).request_id for _, p in reader.read()}
+        if b"marker-after" in logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert b"withkey-grpc" in logged or b"marker-after" in logged
     assert not {b"nokey-http", b"nokey-grpc"} & logged
 

@@ -4,6 +4,7 @@
 import gzip
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -310,10 +311,15 @@ def test_request_ids_are_data_never_paths(server, clients, rid):
     before = sorted(p.relative_to(server.data_dir) for p in server.data_dir.rglob("*"))
     clients["grpc"].rank(USER, ITEMS, request_id=rid)
     clients["http"].feedback(rid, ITEMS[:1, 0], [1.0])
-    found = []
-    for instance in (server.data_dir / "feature_log").iterdir():
-        with SegmentLogReader(instance) as reader:
-            found += [FeatureRecord.decode(p).request_id for _, p in reader.read()]
+    deadline = time.monotonic() + 10  # the feature log is written off the request thread
+    while True:
+        found = []
+        for instance in (server.data_dir / "feature_log").iterdir():
+            with SegmentLogReader(instance) as reader:
+                found += [FeatureRecord.decode(p).request_id for _, p in reader.read()]
+        if rid in found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert rid in found  # logged as bytes, verbatim
     after = sorted(p.relative_to(server.data_dir) for p in server.data_dir.rglob("*"))
     new_names = {str(p) for p in after} - {str(p) for p in before}

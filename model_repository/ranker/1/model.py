@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from server import triton_adapter as triton
 from server.features import load_schema
 from server.ranker import RankerRuntime, RequestError, now_s, parse_rank_request
+from server.shared_ranker import SharedRankerRuntime
 
 INPUTS = ("user_fids", "item_fids", "request_id", "timestamp")
 METRICS_INTERVAL_S = 1.0
@@ -29,7 +30,12 @@ class TritonPythonModel:
             schema = load_schema(schema_path)
         except (OSError, ValueError) as exc:
             raise pb_utils.TritonModelException(f"ranker: {exc}") from exc
-        self.runtime = RankerRuntime(schema, triton.data_dir(params), args["model_instance_name"])
+        shared = params.get("shared_table", "true")
+        if shared not in ("true", "false"):
+            raise pb_utils.TritonModelException(
+                f"ranker: parameter shared_table requires 'true' or 'false', got {shared!r}")
+        runtime_class = SharedRankerRuntime if shared == "true" else RankerRuntime
+        self.runtime = runtime_class(schema, triton.data_dir(params), args["model_instance_name"])
         pb_utils.Logger.log_info(f"ranker {args['model_instance_name']}: {self.runtime.startup_message}")
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.m_rows = triton.Gauge("monolith_table_rows", "Rows in the embedding table", table="embeddings", **labels)
@@ -37,6 +43,8 @@ class TritonPythonModel:
         self.m_log_written = triton.Counter("monolith_feature_log_written_total", "Feature log records written", **labels)
         self.m_log_queued = triton.Gauge("monolith_feature_log_queued", "Feature log records waiting", **labels)
         self.m_log_shed = triton.Counter("monolith_feature_log_shed_total", "Feature log records shed", **labels)
+        self.scored = 0
+        self.m_scored = triton.Counter("monolith_requests_scored_total", "Requests this instance scored", **labels)
         self.m_rejected = triton.Counter("monolith_requests_rejected_total", "Requests refused by validation", **labels)
         self.m_lag = triton.Gauge("monolith_delta_apply_lag_seconds",
                                   "Seconds from the last applied delta's creation to its application", **labels)
@@ -48,8 +56,8 @@ class TritonPythonModel:
         self.m_reloads = triton.Counter("monolith_delta_snapshot_reloads_total",
                                         "Snapshots the updater loaded to get past a halt", **labels)
         self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S, metrics=(
-            self.m_rows, self.m_seq, self.m_log_written, self.m_log_queued, self.m_log_shed, self.m_rejected,
-            self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts, self.m_reloads))
+            self.m_rows, self.m_seq, self.m_scored, self.m_log_written, self.m_log_queued, self.m_log_shed,
+            self.m_rejected, self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts, self.m_reloads))
         self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
 
     def execute(self, requests):
@@ -71,6 +79,7 @@ class TritonPythonModel:
                 for i, _ in parsed:
                     responses[i] = triton.error_response(f"ranker: internal error: {exc!r}", internal=True)
             else:
+                self.scored += len(parsed)
                 seq_array = np.array([seq], dtype=np.int64)
                 seq_tensor = pb_utils.Tensor("delta_seq", seq_array[None] if self.batched else seq_array)
                 for (i, request), s in zip(parsed, scores):
@@ -89,6 +98,7 @@ class TritonPythonModel:
         self.m_log_queued.set(runtime.feature_log.queued)
         self.m_log_shed.update(runtime.feature_log.shed)
         self.m_rejected.update(sum(runtime.rejected.values()))
+        self.m_scored.update(self.scored)
         updater = runtime.updater
         self.m_lag.set(updater.lag_s)
         self.m_rows_applied.update(updater.rows_applied)

@@ -264,7 +264,7 @@ def test_recovers_a_clean_prefix_after_a_cut_at_every_offset(tmp_path, caplog):
         (work / last.name).write_bytes(data[:cut])
         kept = bisect.bisect_right(bounds, cut) - 1
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="server.segment_log"):
+        with caplog.at_level(logging.WARNING, logger="server.streams.log"):
             writer = SegmentLogWriter(work, segment_bytes=320, fsync="batch")
         assert writer.next_index == first + kept
         assert writer.recovered_bytes == cut - bounds[kept]
@@ -568,7 +568,7 @@ def test_appender_surfaces_writer_errors_and_keeps_running(tmp_path, monkeypatch
     monkeypatch.setattr(writer, "append", append)
     monkeypatch.setattr(writer, "sync", sync)
     appender = BackgroundAppender(writer, name="feedback")
-    with caplog.at_level(logging.ERROR, logger="server.segment_log"):
+    with caplog.at_level(logging.ERROR, logger="server.streams.appender"):
         assert appender.submit(b"ok1", wait=True)
         with pytest.raises(OSError, match="No space left"):
             appender.submit(b"bad1", wait=True)

@@ -1,0 +1,153 @@
+"""``monolith-rt bench instances``: throughput and table memory per ranker instance count.
+
+For each count N: a spawned ``monolith-rt serve`` on a model repository
+whose ranker has ``instance_group.count`` N, loaded with a snapshot of
+``rows`` rows (every FID the requests use among them). Closed loop,
+``concurrency`` clients on tritonserver's own gRPC port (the front's work is
+not what this measures), alternating windows:
+    rps            the ranker at ``candidates`` candidates
+    baseline_rps   the trivial baseline model, same tensors: the floor
+Memory, from /proc after the windows (every instance has served by then):
+    table_bytes                       the table's data: its files in the shm directory
+    table_private_bytes_per_instance  max over ranker stubs of Private_Clean + Private_Dirty
+                                      of their mappings of the table (smaps); a private copy
+                                      would count in full
+    table_private_bytes_by_instance   the same, per stub
+    table_pss_bytes_by_instance       Pss of those mappings per stub: each shared page split
+                                      among the processes mapping it (their sum is the table's
+                                      resident bytes, counted once)
+    stub_rss_bytes                    VmRSS of each ranker stub (for information)
+
+smaps counts a page as Private when only one process maps it, MAP_SHARED or
+not: with one instance every table page it touched is "private" to it, and
+with N, a page only one instance has read so far is private to that one.
+The bytes still exist once, in /dev/shm. (The creator unmaps the pages it
+filled from the snapshot, so it holds only what it reads, like the others.)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.latency import _request_fids, _requests, _window
+from server.features import FeatureSchema
+
+_PARTS = ("keys", "rows", "stamps", "versions")
+
+
+def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: int) -> None:
+    from server.dense import build_dense
+    from server.snapshot import write_snapshot
+    from server.table import EmbeddingTable
+
+    rng = np.random.default_rng(seed)
+    pool = _request_fids(requests)
+    extra = np.uint64(10 << 48) | rng.integers(0, 1 << 48, max(0, rows - pool.shape[0]), dtype=np.uint64)
+    fids = np.unique(np.concatenate([pool, extra]))
+    table = EmbeddingTable(schema.dim, capacity=int(fids.shape[0] / 0.9))
+    for start in range(0, fids.shape[0], 1 << 18):
+        chunk = fids[start : start + (1 << 18)]
+        table.upsert(chunk, rng.standard_normal((chunk.shape[0], schema.dim), dtype=np.float32) * 0.1, now=1.0)
+    write_snapshot(data_dir, table, build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0)
+
+
+def _ranker_stubs(triton_pid: int) -> list[int]:
+    from server.launcher import processes
+
+    stubs = []
+    for pid, state, ppid, _ in processes():
+        if ppid != triton_pid or state == "Z":
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"/ranker/1/model.py" in cmdline:
+            stubs.append(pid)
+    return sorted(stubs)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency: int, window_s: float,
+             rounds: int, seed: int, shared_table: bool) -> dict:
+    from server.instances import repository_with_instances
+    from server.table.shared import mapping_bytes, shm_directory
+    from server.supervisor import ServeProcess
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="monolith-bench-instances-") as tmp:
+        data_dir = Path(tmp) / "data"
+        data_dir.mkdir()
+        _snapshot(data_dir, schema, requests, rows, seed)
+        repo = repository_with_instances(Path(tmp) / "repo", count, shared_table=shared_table)
+        print(f"[bench instances] {count} instance(s): starting monolith-rt serve", file=sys.stderr, flush=True)
+        with ServeProcess(data_dir, extra_args=["--model-repository", str(repo)]) as serve:
+            url = serve.triton_grpc_url
+            _window(url, "grpc", "ranker", requests, 2.0, None, concurrency, "poisson", 1_000_000, rng)
+            counted = {"ranker": [0, 0.0], "baseline": [0, 0.0]}
+            for r in range(rounds):
+                for model in ("ranker", "baseline"):
+                    print(f"[bench instances] {count}: round {r + 1}/{rounds} {model}", file=sys.stderr, flush=True)
+                    hist, errors, elapsed, _ = _window(url, "grpc", model, requests, window_s, None, concurrency,
+                                                       "poisson", 1_000_000, rng)
+                    if errors:
+                        raise RuntimeError(f"{model} answered errors under load: {dict(errors)}")
+                    counted[model][0] += hist.summary()["count"]
+                    counted[model][1] += elapsed
+            stubs = _ranker_stubs(serve.triton_pid)
+            directory = shm_directory(data_dir)
+            table_bytes = sum(p.stat().st_size for p in directory.glob("gen-*") if p.suffix[1:] in _PARTS)
+            private = [mapping_bytes(pid, str(directory)) for pid in stubs] if shared_table else None
+            pss = [mapping_bytes(pid, str(directory), ("Pss",)) for pid in stubs] if shared_table else None
+            rss = [_rss_bytes(pid) for pid in stubs]
+    rps = counted["ranker"][0] / counted["ranker"][1]
+    baseline_rps = counted["baseline"][0] / counted["baseline"][1]
+    return {"instances": count, "shared_table": shared_table, "rps": round(rps, 1),
+            "baseline_rps": round(baseline_rps, 1), "rps_ratio_vs_baseline": round(rps / baseline_rps, 3),
+            "table_bytes": table_bytes if shared_table else None,
+            "table_private_bytes_per_instance": max(private) if private else None,
+            "table_private_bytes_by_instance": private, "table_pss_bytes_by_instance": pss,
+            "stub_rss_bytes": rss}
+
+
+def bench_instances(schema: FeatureSchema, counts: list[int], rows: int, candidates: int = 100,
+                    concurrency: int = 8, window_s: float = 5.0, rounds: int = 2, seed: int = 0,
+                    shared_table: bool = True) -> dict:
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--instances requires counts >= 1, got {counts}")
+    if rows < 1:
+        raise ValueError(f"--rows requires >= 1, got {rows}")
+    requests = _requests(schema, 200, candidates, seed)
+    started = time.monotonic()
+    result = {"rows_in_table": rows, "candidates": candidates, "concurrency": concurrency, "window_s": window_s,
+              "rounds": rounds,
+              "rows": [_measure(n, schema, requests, rows, concurrency, window_s, rounds, seed, shared_table)
+                       for n in counts]}
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def format_instances_report(result: dict) -> str:
+    lines = [f"instances: {result['rows_in_table']:,} table rows, {result['candidates']} candidates, "
+             f"closed loop x{result['concurrency']}, {result['rounds']} x {result['window_s']} s windows"]
+    for row in result["rows"]:
+        table = row["table_bytes"]
+        private = row["table_private_bytes_per_instance"]
+        lines.append(f"  {row['instances']} instance(s): ranker {row['rps']:.1f} req/s, baseline "
+                     f"{row['baseline_rps']:.1f} req/s, ratio {row['rps_ratio_vs_baseline']}; table "
+                     + (f"{table / 2**20:.1f} MiB, private per instance (max) {private / 2**20:.1f} MiB "
+                        f"(by instance: {[round(p / 2**20, 1) for p in row['table_private_bytes_by_instance']]})"
+                        if table is not None else "private per instance (shared_table false)")
+                     + f"; stub RSS MiB {[round(r / 2**20) for r in row['stub_rss_bytes']]}")
+    return "\n".join(lines)

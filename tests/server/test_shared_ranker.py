@@ -1,0 +1,107 @@
+"""SharedRankerRuntime without Triton: two instances over one shared table (in one process, two leases)."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from server.dense import build_dense
+from server.features import PAD_FID, shipped_schema
+from server.ranker import RankRequest
+from server.shared_ranker import SERVER_PID, SharedRankerRuntime, process_identity
+from server.table.shared import SharedEmbeddingTable, shm_directory
+from server.snapshot import list_snapshots, write_snapshot
+from server.table import EmbeddingTable
+from updater.delta import DeltaRecord
+from updater.stream import FileDeltaWriter
+
+SCHEMA = shipped_schema()
+USER, ITEMS = SCHEMA.encode_request({"user_id": 5, "hour": 7}, [{"item_id": i, "item_genres": ["Drama"]}
+                                                              for i in range(10)])
+REQUEST = RankRequest(b"r", 1.0, USER, ITEMS)
+FIDS = np.unique(np.concatenate([USER, ITEMS.ravel()]))
+FIDS = FIDS[FIDS != PAD_FID]
+
+
+@pytest.fixture
+def shm_root(tmp_path):
+    root = tmp_path / "shm"
+    root.mkdir()
+    return root
+
+
+def runtime(data_dir, shm_root, name, **kw):
+    return SharedRankerRuntime(SCHEMA, data_dir, name, server_pid=kw.pop("server_pid", os.getpid()),
+                               shm_root=shm_root, **kw)
+
+
+def wait_until(predicate, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_instances_share_rows_seq_and_dense_and_apply_once(tmp_path, shm_root, rng):
+    data = tmp_path / "data"
+    table = EmbeddingTable(SCHEMA.dim)
+    table.upsert(FIDS[:3], rng.standard_normal((3, SCHEMA.dim), dtype=np.float32), now=1.0)
+    write_snapshot(data, table, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict(), 4)
+    first, second = runtime(data, shm_root, "a"), runtime(data, shm_root, "b")
+    try:
+        assert first.table.is_writer and not second.table.is_writer
+        assert len(second.table) == 3 and second.delta_seq == 4
+        with FileDeltaWriter(data / "deltas") as deltas:
+            for seq in range(1, 5):  # in the snapshot already: skipped
+                deltas.append(DeltaRecord.sparse(seq, time.time(), FIDS[:1], np.zeros((1, SCHEMA.dim), np.float32)))
+            deltas.append(DeltaRecord.sparse(5, time.time(), FIDS,
+                                             rng.standard_normal((len(FIDS), SCHEMA.dim)).astype(np.float32)))
+            dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 9})
+            deltas.append(DeltaRecord.dense(6, time.time(), dense.state_dict()))
+        wait_until(lambda: second.delta_seq == 6)
+        (a, seq_a), (b, seq_b) = first.score([REQUEST]), second.score([REQUEST])
+        assert seq_a == seq_b == 6
+        np.testing.assert_array_equal(a[0], b[0])
+        time.sleep(0.1)  # the reader does not apply deltas however long it waits
+        assert first.updater.rows_applied == len(FIDS) and second.updater.rows_applied == 0
+    finally:
+        second.close()
+        first.close()
+    assert not shm_directory(data, shm_root).exists()  # the last one out removed it
+    assert list_snapshots(data)[-1].name == f"{6:020d}"  # the writer wrote the serving snapshot
+
+
+def test_reader_takes_over_and_resumes_after_the_stored_seq(tmp_path, shm_root, rng):
+    data = tmp_path / "data"
+    first, second = runtime(data, shm_root, "a"), runtime(data, shm_root, "b")
+    try:
+        with FileDeltaWriter(data / "deltas") as deltas:
+            deltas.append(DeltaRecord.sparse(1, time.time(), FIDS[:4], np.ones((4, SCHEMA.dim), np.float32)))
+            wait_until(lambda: second.delta_seq == 1)
+            first.close(snapshot=False)  # the writer leaves: its lease frees
+            wait_until(lambda: second.table.is_writer)
+            deltas.append(DeltaRecord.sparse(2, time.time(), FIDS, np.full((len(FIDS), SCHEMA.dim), 2, np.float32)))
+            wait_until(lambda: second.delta_seq == 2)
+        assert second.updater.rows_applied == len(FIDS)
+        np.testing.assert_array_equal(second.table.lookup(FIDS), 2.0)
+    finally:
+        second.close()
+
+
+def test_leftover_of_a_dead_server_is_removed_and_a_live_one_refused(tmp_path, shm_root):
+    data = tmp_path / "data"
+    data.mkdir()
+    directory = shm_directory(data, shm_root)
+    dead_pid = 2**22 + 7  # above the default pid_max: no such process
+    leftover = SharedEmbeddingTable.create(directory, SCHEMA.dim, owner=12345)
+    leftover.user[SERVER_PID] = dead_pid
+    leftover.mark_ready()
+    leftover.close()
+    fresh = runtime(data, shm_root, "a")
+    try:
+        assert fresh.table.owner == process_identity(os.getpid()) and fresh.table.is_writer
+        with pytest.raises(RuntimeError, match="requires one server, got two"):
+            runtime(data, shm_root, "b", server_pid=os.getppid())
+    finally:
+        fresh.close()
