@@ -108,6 +108,12 @@ class Slot:
             raise ValueError(f"slot {self.name!r}: dim, max_values, min_count require >= 1 and ttl_s > 0")
 
 
+def _column_slots(slots: Sequence[Slot]) -> np.ndarray:
+    columns = np.concatenate([np.full(s.max_values, s.slot, dtype=np.int64) for s in slots])
+    columns.flags.writeable = False
+    return columns
+
+
 @dataclass(frozen=True)
 class FeatureSchema:
     """The slots, in request-layout order per side, and the dense network config."""
@@ -130,21 +136,31 @@ class FeatureSchema:
     def dim(self) -> int:
         return self.slots[0].dim
 
-    @property
+    @functools.cached_property
     def user_slots(self) -> tuple[Slot, ...]:
         return tuple(s for s in self.slots if s.side != "item")
 
-    @property
+    @functools.cached_property
     def item_slots(self) -> tuple[Slot, ...]:
         return tuple(s for s in self.slots if s.side == "item")
 
-    @property
+    @functools.cached_property
     def user_width(self) -> int:
         return sum(s.max_values for s in self.user_slots)
 
-    @property
+    @functools.cached_property
     def item_width(self) -> int:
         return sum(s.max_values for s in self.item_slots)
+
+    @functools.cached_property
+    def user_column_slots(self) -> np.ndarray:
+        """Slot id of each column of the user side's request layout, int64 [Wu] (read-only)."""
+        return _column_slots(self.user_slots)
+
+    @functools.cached_property
+    def item_column_slots(self) -> np.ndarray:
+        """Slot id of each column of the item side's request layout, int64 [Wi] (read-only)."""
+        return _column_slots(self.item_slots)
 
     @property
     def num_fields(self) -> int:

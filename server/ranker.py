@@ -19,7 +19,6 @@ never mixes two dense versions.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -30,11 +29,12 @@ from typing import Mapping, Sequence
 
 import numba
 import numpy as np
+import threadpoolctl
 import torch
 
 from server.dense import build_dense
-from server.dense_numpy import NumpyDeepFM
-from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, Slot, slot_of
+from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
+from server.scoring import DeepFMScorer
 from server.streams import DELTAS, FEATURES, BackgroundAppender, Streams, segment_bytes_from_env
 from server.streams.records import FeatureRecord
 from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
@@ -72,14 +72,6 @@ def _expect(name: str, value: np.ndarray | None, dtype, ndim: int) -> np.ndarray
     if value.ndim != ndim:
         raise RequestError(f"input '{name}' requires rank {ndim}, got shape {list(value.shape)}")
     return value
-
-
-@functools.lru_cache(maxsize=16)
-def _column_slots(slots: tuple[Slot, ...]) -> np.ndarray:
-    """Slot id of each request-layout column (computed once per schema side)."""
-    columns = np.concatenate([np.full(s.max_values, s.slot, dtype=np.int64) for s in slots])
-    columns.flags.writeable = False
-    return columns
 
 
 @numba.njit(cache=True, nogil=True)
@@ -123,8 +115,8 @@ def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureS
         raise RequestError(f"input 'item_fids' requires {schema.item_width} columns per candidate, got {width}")
     if not 1 <= n <= MAX_CANDIDATES:
         raise RequestError(f"input 'item_fids' requires 1 to {MAX_CANDIDATES} candidates, got {n}")
-    _check_fids("user_fids", user, _column_slots(schema.user_slots))
-    _check_fids("item_fids", items, _column_slots(schema.item_slots))
+    _check_fids("user_fids", user, schema.user_column_slots)
+    _check_fids("item_fids", items, schema.item_column_slots)
     request_id = parse_request_id(inputs.get("request_id"))
     request_time = parse_time("timestamp", inputs.get("timestamp"), now_s)
     return RankRequest(request_id, request_time, user, items)
@@ -156,54 +148,19 @@ def parse_time(name: str, value: np.ndarray | None, default_s: float) -> float:
     return t
 
 
-@numba.njit(cache=True, nogil=True)
-def _pool_kernel(rows, fids, starts, widths, mean, out):
-    """out[r, f] = sum (or mean) of rows[r, starts[f] : starts[f] + widths[f]]
-    over columns whose FID is not PAD_FID; zeros when a slot has none."""
-    n_rows, n_fields, dim = out.shape
-    for r in range(n_rows):
-        for f in range(n_fields):
-            for k in range(dim):
-                out[r, f, k] = 0.0
-            present = 0
-            for c in range(starts[f], starts[f] + widths[f]):
-                if fids[r, c] != PAD_FID:
-                    present += 1
-                    for k in range(dim):
-                        out[r, f, k] += rows[r, c, k]
-            if mean[f] and present > 1:
-                for k in range(dim):
-                    out[r, f, k] /= present
-
-
-class _Pooling:
-    """Sums or averages each slot's columns: rows [R, W, K] -> fields [R, F_side, K]."""
-
-    def __init__(self, slots: Sequence[Slot]):
-        self.widths = np.array([s.max_values for s in slots], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
-        self.mean = np.array([s.pooling == "mean" for s in slots])
-
-    def __call__(self, rows: np.ndarray, fids: np.ndarray) -> np.ndarray:
-        out = np.empty((rows.shape[0], self.widths.shape[0], rows.shape[2]), dtype=np.float32)
-        _pool_kernel(rows, fids, self.starts, self.widths, self.mean, out)
-        return out
-
-
 class RankerRuntime:
     """Table + dense network + feature log of one ranker instance."""
 
     def __init__(self, schema: FeatureSchema, data_dir: str | Path, instance: str, apply_deltas: bool = True):
         self.schema = schema
         self.data_dir = Path(data_dir)
-        self._user_pool = _Pooling(schema.user_slots)
-        self._item_pool = _Pooling(schema.item_slots)
         self._load_state()
         writer = Streams(self.data_dir).open_writer(FEATURES, instance, fsync="batch",
                                                     segment_bytes=segment_bytes_from_env())
         self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}",
                                               linger_s=FEATURE_LOG_LINGER_S)
         self.rejected: Counter[str] = Counter()
+        self._scorer_of = None
         self.updater = None
         if apply_deltas:
             self.updater = self._make_updater()
@@ -249,33 +206,31 @@ class RankerRuntime:
         return self.delta_seq, self.dense
 
     def score(self, requests: Sequence[RankRequest]) -> tuple[list[np.ndarray], int]:
-        """Probabilities for each request's candidates, and the delta_seq they saw."""
+        """Probabilities (float32) for each request's candidates, and the delta_seq they saw."""
         seq, dense = self._serving_state()
-        counts = np.array([r.item_fids.shape[0] for r in requests])
-        user = np.stack([r.user_fids for r in requests])  # [R, Wu]
-        items = np.concatenate([r.item_fids for r in requests])  # [T, Wi]
-        rows = self.table.lookup(np.concatenate([user.ravel(), items.ravel()]))
-        k = self.schema.dim
+        scorer = self._scorer(dense)
+        if len(requests) == 1:  # the common case: no copies
+            user, items = requests[0].user_fids[None], requests[0].item_fids
+            counts = np.array([items.shape[0]], dtype=np.int64)
+        else:
+            user = np.stack([r.user_fids for r in requests])  # [R, Wu]
+            items = np.concatenate([r.item_fids for r in requests])  # [T, Wi]
+            counts = np.array([r.item_fids.shape[0] for r in requests], dtype=np.int64)
+        fids = np.concatenate([user.ravel(), items.ravel()])
+        fids[fids == PAD_U64] = EMPTY_KEY_U64  # padding: not probed (pooling skips its rows)
+        rows = self.table.lookup(fids)
         split = user.size
-        user_fields = self._user_pool(rows[:split].reshape(*user.shape, k), user)  # [R, Fu, K]
-        item_fields = self._item_pool(rows[split:].reshape(*items.shape, k), items)  # [T, Fi, K]
-        fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1)
-        probs = self._forward(dense)(fields)
+        probs = scorer(rows[:split], user, rows[split:], items, counts)
+        if len(requests) == 1:
+            return [probs], seq
         ends = np.cumsum(counts).tolist()
         return [probs[a:b] for a, b in zip([0] + ends[:-1], ends)], seq
 
-    def _forward(self, dense):
-        """The numpy forward of ``dense`` (built once per dense version, on the execute thread);
-        a module that is not a DeepFM runs in torch."""
-        if dense is not getattr(self, "_forward_of", None):
-            try:
-                forward = NumpyDeepFM(dense)
-            except TypeError:
-                def forward(fields, module=dense):
-                    with torch.inference_mode():
-                        return torch.sigmoid(module(torch.from_numpy(fields))).numpy()
-            self._forward_fn, self._forward_of = forward, dense
-        return self._forward_fn
+    def _scorer(self, dense) -> DeepFMScorer:
+        """The serving forward of ``dense``, built once per dense version, on the execute thread."""
+        if dense is not self._scorer_of:
+            self._scorer_fn, self._scorer_of = DeepFMScorer(dense, self.schema), dense
+        return self._scorer_fn
 
     def log_scored(self, request: RankRequest, scores: np.ndarray, seq: int) -> bool:
         """Queues the request's feature record; False (and counted as shed) if
@@ -298,6 +253,23 @@ class RankerRuntime:
             log.info("wrote serving snapshot %s at delta_seq %d", path, self.delta_seq)
             return path
         return None
+
+
+def limit_compute_threads(value: str) -> int:
+    """Sets the thread pools of BLAS (numpy's matmuls) and torch in this process
+    to ``value`` threads (the model parameter "compute_threads").
+
+    1 is right for serving: a request's matrices are small (100 x 48 @ 48 x 64),
+    OpenBLAS splits products past 2^18 multiply-adds over its threads, and on a
+    busy host those threads wait for cores that Triton, the fronts and the other
+    instances hold (measured: 13 us for that product with 2 threads on an idle
+    2-core machine, 7 us with 1). Instances, not threads, use more cores."""
+    threads = int(value) if value.isdigit() else 0
+    if threads < 1:
+        raise ValueError(f"parameter compute_threads requires an integer >= 1, got {value!r}")
+    torch.set_num_threads(threads)
+    threadpoolctl.threadpool_limits(threads, user_api="blas")
+    return threads
 
 
 def now_s() -> float:

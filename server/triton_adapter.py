@@ -38,9 +38,10 @@ def inputs(request, names, batched: bool = False) -> dict:
     """name -> numpy array, or None where the request lacks that input. With
     ``batched`` (a config with max_batch_size > 0 and ragged batching), each
     request carries a leading batch dimension of 1, removed here."""
+    given = {tensor.name(): tensor for tensor in request.inputs()}  # one pass, not one per name
     out = {}
     for name in names:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        tensor = given.get(name)
         value = None if tensor is None else tensor.as_numpy()
         if batched and value is not None:
             if value.ndim == 0 or value.shape[0] != 1:

@@ -235,7 +235,9 @@ def lookup_batch(keys, rows, versions, fids, out, found, init_scale):
         step i+P    probe b0; if found prefetch the row, else prefetch b1
         step i+2P   if not in b0, probe b1; if found prefetch the row
         step i+3P   seqlock read of the row (every line already in cache)
-    Most keys sit in b0 (83% at load 0.95), so b1 is fetched only for the rest."""
+    Most keys sit in b0 (83% at load 0.95), so b1 is fetched only for the rest.
+    EMPTY_KEY, never stored, is not probed at all (found False, a missing row),
+    so a caller can blank out entries it does not need, such as padding."""
     mask = np.uint64(keys.shape[0] // SLOTS - 1)
     stripe_mask = np.int64(versions.shape[0] - 1)
     n = fids.shape[0]
@@ -245,13 +247,13 @@ def lookup_batch(keys, rows, versions, fids, out, found, init_scale):
     ring_hint = np.empty(_RING, dtype=np.int64)
     hits = 0
     for step in range(n + 3 * _LOOKUP_STAGE):
-        if step < n:
+        if step < n and fids[step] != EMPTY_KEY:
             b0, b1 = _buckets(fids[step], mask)
             ring0[step & _RING_MASK] = b0
             ring1[step & _RING_MASK] = b1
             prefetch(keys, b0 * SLOTS)
         k = step - _LOOKUP_STAGE
-        if 0 <= k < n:
+        if 0 <= k < n and fids[k] != EMPTY_KEY:
             slot = k & _RING_MASK
             hint = _find_in_bucket(keys, ring0[slot], fids[k])
             ring_hint[slot] = hint
@@ -260,7 +262,7 @@ def lookup_batch(keys, rows, versions, fids, out, found, init_scale):
             else:
                 prefetch(keys, ring1[slot] * SLOTS)
         k = step - 2 * _LOOKUP_STAGE
-        if 0 <= k < n and ring_hint[k & _RING_MASK] < 0:
+        if 0 <= k < n and fids[k] != EMPTY_KEY and ring_hint[k & _RING_MASK] < 0:
             slot = k & _RING_MASK
             hint = _find_in_bucket(keys, ring1[slot], fids[k])
             ring_hint[slot] = hint

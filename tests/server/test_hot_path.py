@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.features import PAD_FID, shipped_schema, slot_of
-from server.ranker import EMPTY_KEY, _column_slots, _first_bad_fid
+from server.ranker import EMPTY_KEY, _first_bad_fid
 
 SCHEMA = shipped_schema()
 
@@ -19,7 +19,7 @@ def reference_first_bad(fids, columns):
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), faults=st.integers(0, 3))
 def test_first_bad_fid_matches_the_numpy_rule(seed, n, faults):
     rng = np.random.default_rng(seed)
-    columns = _column_slots(SCHEMA.item_slots)
+    columns = SCHEMA.item_column_slots
     signatures = rng.integers(0, 1 << 48, (n, columns.shape[0]), dtype=np.uint64)
     fids = (columns.astype(np.uint64) << np.uint64(48)) | signatures
     fids[rng.random(fids.shape) < 0.3] = PAD_FID

@@ -5,29 +5,10 @@ import pytest
 import torch
 
 from server.features import PAD_FID, shipped_schema
-from server.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, _Pooling, parse_rank_request
+from server.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, parse_rank_request
+from tests.server.test_scoring import reference_pool
 
 SCHEMA = shipped_schema()
-
-
-def reference_pool(rows, fids, slots):
-    out, col = [], 0
-    for s in slots:
-        block, present = rows[:, col : col + s.max_values], fids[:, col : col + s.max_values] != PAD_FID
-        total = (block * present[..., None]).sum(axis=1)
-        if s.pooling == "mean":
-            total /= np.maximum(present.sum(axis=1), 1)[:, None]
-        out.append(total)
-        col += s.max_values
-    return np.stack(out, axis=1)
-
-
-def test_pooling_matches_reference(rng):
-    slots = SCHEMA.item_slots
-    fids = rng.integers(1, 2**40, (50, SCHEMA.item_width), dtype=np.uint64)
-    fids[rng.random(fids.shape) < 0.4] = PAD_FID
-    rows = rng.standard_normal((50, SCHEMA.item_width, SCHEMA.dim), dtype=np.float32)
-    np.testing.assert_allclose(_Pooling(slots)(rows, fids), reference_pool(rows, fids, slots), rtol=1e-5, atol=1e-6)
 
 
 def test_score_matches_reference_and_batches_like_singles(tmp_path, rng):

@@ -4,12 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from server import triton_adapter as triton
 from server.features import load_schema
-from server.ranker import RankerRuntime, RequestError, now_s, parse_rank_request
+from server.ranker import RankerRuntime, RequestError, limit_compute_threads, now_s, parse_rank_request
 from server.shared_ranker import SharedRankerRuntime
 
 INPUTS = ("user_fids", "item_fids", "request_id", "timestamp")
@@ -24,7 +23,10 @@ class TritonPythonModel:
         # inputs) each request carries a leading batch dim of 1; Triton hands
         # execute() every queued request at once. 0 also works: no batch dim.
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
-        torch.set_num_threads(int(params.get("torch_threads", "1")))
+        try:
+            limit_compute_threads(params.get("compute_threads", "1"))
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"ranker: {exc}") from exc
         schema_path = Path(args["model_repository"]) / params.get("feature_schema", "feature_schema.json")
         try:
             schema = load_schema(schema_path)
@@ -84,7 +86,6 @@ class TritonPythonModel:
                 seq_tensor = pb_utils.Tensor("delta_seq", seq_array[None] if self.batched else seq_array)
                 for (i, request), s in zip(parsed, scores):
                     self.runtime.log_scored(request, s, seq)
-                    s = s.astype(np.float32)
                     responses[i] = pb_utils.InferenceResponse(
                         output_tensors=[pb_utils.Tensor("scores", s[None] if self.batched else s), seq_tensor]
                     )
