@@ -168,6 +168,7 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     grpc_host: str | None = None  # default: host
     process: subprocess.Popen | None = field(default=None, init=False)
+    stub_pids: list[int] = field(default_factory=list, init=False)  # model stubs, once ready
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).resolve()
@@ -234,6 +235,8 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
                     if response.status == 200:
+                        self.stub_pids = [pid for pid, state, ppid, _ in processes()
+                                          if ppid == self.process.pid and state != "Z"]
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -241,6 +244,23 @@ class TritonServer:
         self.stop()
         raise TritonStartError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s; last lines of "
                                f"{self.log_path}:\n{self.log_tail()}")
+
+    def lost_stubs(self) -> list[int]:
+        """The model stubs (tritonserver's children once it was ready) that have
+        exited since. Triton does not start a stub again: every request to that
+        model instance fails ("Stub process ... is not healthy") while the
+        server still reports ready."""
+        lost = []
+        for pid in self.stub_pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                lost.append(pid)
+                continue
+            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+            if state in "ZX" or int(ppid) != self.process.pid:
+                lost.append(pid)
+        return lost
 
     def log_tail(self, lines: int = 25) -> str:
         try:

@@ -5,7 +5,8 @@
             ──HTTP──▶ MetricsFront (host:metrics_port) ─┘   (its /metrics + the front's and supervisor's)
 
 Supervision: when tritonserver exits without being asked to (crash, OOM
-kill, kill -9), its whole process group is killed and reaped (no model stub
+kill, kill -9), or one of its model stubs does (Triton would keep that model
+instance failing every request while reporting ready), its whole process group is killed and reaped (no model stub
 outlives it: this process is the stubs' child subreaper, and each stub also
 exits on its own when its parent goes, see server.triton_adapter), then it
 is started again after a backoff (0.5 s, doubling, at most 10 s). A start
@@ -97,6 +98,7 @@ class ServeConfig:
 class SupervisorStats:
     restarts: int = 0
     last_exit_code: int | None = None
+    stub_exits: int = 0
 
 
 def become_subreaper() -> None:
@@ -192,15 +194,23 @@ class Supervisor:
                 pass
             code = self.triton.process.poll()
             if code is None:
-                continue
-            self.stats.last_exit_code = code
+                lost = self.triton.lost_stubs()
+                if not lost:
+                    continue
+                self.stats.stub_exits += 1
+                log.error("model stub(s) %s of tritonserver exited; Triton does not start them again (the model "
+                          "would fail every request): restarting tritonserver; last lines of its log:\n%s",
+                          lost, self.triton.log_tail(10))
+            else:
+                self.stats.last_exit_code = code
+                log.error("tritonserver exited with code %s; last lines of its log:\n%s", code,
+                          self.triton.log_tail(10))
             now = time.monotonic()
             exits = [t for t in exits if now - t < self.config.restarts.window_s] + [now]
-            log.error("tritonserver exited with code %s; last lines of its log:\n%s", code, self.triton.log_tail(10))
             await loop.run_in_executor(None, self.triton.kill)
             reap_orphans(keep=None)
             if len(exits) > self.config.restarts.max_restarts:
-                log.error("tritonserver exited %d times within %.0f s: giving up (see %s)", len(exits),
+                log.error("tritonserver failed %d times within %.0f s: giving up (see %s)", len(exits),
                           self.config.restarts.window_s, self.triton.log_path)
                 return EXIT_GAVE_UP
             backoff_s = self.config.restarts.backoff_s(len(exits))

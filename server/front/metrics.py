@@ -25,6 +25,9 @@ class _Collector:
                                   value=self._front.upstream_errors)
         yield CounterMetricFamily("monolith_server_restarts", "Times the supervisor restarted tritonserver",
                                   value=self._supervisor.restarts)
+        yield CounterMetricFamily("monolith_server_stub_exits",
+                                  "Model stubs that exited while tritonserver ran (each restarts tritonserver)",
+                                  value=self._supervisor.stub_exits)
         code = self._supervisor.last_exit_code
         yield GaugeMetricFamily("monolith_server_last_exit_code",
                                 "Exit code of tritonserver's last unexpected exit (negative: signal; 0: none yet)",
