@@ -4,6 +4,7 @@ import os
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from server.dense import build_dense
@@ -105,3 +106,44 @@ def test_leftover_of_a_dead_server_is_removed_and_a_live_one_refused(tmp_path, s
             runtime(data, shm_root, "b", server_pid=os.getppid())
     finally:
         fresh.close()
+
+
+def test_the_writer_heals_from_a_snapshot_and_every_instance_serves_it(tmp_path, shm_root, rng):
+    """Retention dropped deltas 1..5 past the served snapshot (seq 0): the
+    writer halts, retries, loads the newest snapshot (seq 7) into shared
+    memory (rows it lacks deleted) and follows the stream; the reader serves
+    the same rows, seq and dense weights without doing anything."""
+    data = tmp_path / "data"
+    old_rows = FIDS[:5]
+    old = EmbeddingTable(SCHEMA.dim)
+    old.upsert(old_rows, np.full((5, SCHEMA.dim), 9, np.float32), now=1.0)
+    write_snapshot(data, old, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict(), 0)
+    with FileDeltaWriter(data / "deltas", segment_bytes=1) as deltas:  # one record per segment
+        for seq in range(1, 11):
+            deltas.append(DeltaRecord.sparse(seq, time.time(), FIDS[seq % len(FIDS)][None],
+                                             np.full((1, SCHEMA.dim), seq, np.float32)))
+        deltas.delete_before(6)
+    first, second = runtime(data, shm_root, "a"), runtime(data, shm_root, "b")
+    try:
+        assert second.delta_seq == 0 and len(second.table) == 5
+        snap = EmbeddingTable(SCHEMA.dim)
+        snap.upsert(FIDS[5:], np.full((len(FIDS) - 5, SCHEMA.dim), 7, np.float32), now=7.0)
+        dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 11})
+        write_snapshot(data, snap, dense.state_dict(), 7)
+        wait_until(lambda: second.delta_seq == 10, timeout_s=30)
+        assert first.updater.halts >= 1 and first.updater.snapshot_reloads == 1 and not first.updater.halted
+        expected = {int(f): 7.0 for f in FIDS[5:]}
+        expected.update({int(FIDS[seq % len(FIDS)]): float(seq) for seq in range(8, 11)})
+        for instance in (first, second):
+            rows, found = instance.table.lookup_found(FIDS)
+            assert found.tolist() == [int(f) in expected for f in FIDS], "rows outside the snapshot survived"
+            np.testing.assert_array_equal(rows[found, 0], [expected[int(f)] for f in FIDS[found]])
+        (a, seq_a), (b, seq_b) = first.score([REQUEST]), second.score([REQUEST])
+        assert seq_a == seq_b == 10
+        np.testing.assert_array_equal(a[0], b[0])
+        with torch.no_grad():
+            assert all(torch.equal(x, y) for x, y in zip(second.dense.state_dict().values(),
+                                                         dense.state_dict().values()))
+    finally:
+        second.close()
+        first.close()
