@@ -89,6 +89,23 @@ def _first_bad_fid(fids, column_slots):
     return -1
 
 
+@numba.njit(cache=True, nogil=True)
+def _lookup_keys(user, items, out):
+    """out = [user FIDs, item FIDs] flattened, with padding as EMPTY_KEY: the table
+    does not probe it, and pooling skips padded columns whatever their rows."""
+    at = 0
+    for r in range(user.shape[0]):
+        for c in range(user.shape[1]):
+            fid = user[r, c]
+            out[at] = EMPTY_KEY_U64 if fid == PAD_U64 else fid
+            at += 1
+    for t in range(items.shape[0]):
+        for c in range(items.shape[1]):
+            fid = items[t, c]
+            out[at] = EMPTY_KEY_U64 if fid == PAD_U64 else fid
+            at += 1
+
+
 def _check_fids(name: str, fids: np.ndarray, column_slots: np.ndarray) -> None:
     if _first_bad_fid(np.ascontiguousarray(fids), column_slots) < 0:
         return
@@ -216,8 +233,8 @@ class RankerRuntime:
             user = np.stack([r.user_fids for r in requests])  # [R, Wu]
             items = np.concatenate([r.item_fids for r in requests])  # [T, Wi]
             counts = np.array([r.item_fids.shape[0] for r in requests], dtype=np.int64)
-        fids = np.concatenate([user.ravel(), items.ravel()])
-        fids[fids == PAD_U64] = EMPTY_KEY_U64  # padding: not probed (pooling skips its rows)
+        fids = np.empty(user.size + items.size, dtype=np.uint64)
+        _lookup_keys(user, items, fids)
         rows = self.table.lookup(fids)
         split = user.size
         probs = scorer(rows[:split], user, rows[split:], items, counts)
