@@ -178,6 +178,7 @@ class RankerRuntime:
                                               linger_s=FEATURE_LOG_LINGER_S)
         self.rejected: Counter[str] = Counter()
         self._scorer_of = None
+        self.warm_up_s = self._warm_up()
         self.updater = None
         if apply_deltas:
             self.updater = self._make_updater()
@@ -242,6 +243,22 @@ class RankerRuntime:
             return [probs], seq
         ends = np.cumsum(counts).tolist()
         return [probs[a:b] for a, b in zip([0] + ends[:-1], ends)], seq
+
+    def _warm_up(self) -> float:
+        """Parses and scores a synthetic request (not logged) so that every numba
+        kernel of the request path is compiled, or loaded from its cache, before
+        Triton calls this instance ready: not on the first caller's time (a few
+        seconds on a fresh install). Returns the seconds it took."""
+        started = time.perf_counter()
+        schema = self.schema
+        user = (schema.user_column_slots.astype(np.uint64) << SHIFT_U64) | np.uint64(1)
+        items = np.repeat(((schema.item_column_slots.astype(np.uint64) << SHIFT_U64) | np.uint64(1))[None], 2, axis=0)
+        items[:, -1] = PAD_U64
+        tensors = {"user_fids": user, "item_fids": items, "request_id": np.array([b"warm-up"], dtype=np.object_)}
+        request = parse_rank_request(tensors, schema, now_s())
+        self.score([request])
+        self.score([request, request])
+        return time.perf_counter() - started
 
     def _scorer(self, dense) -> DeepFMScorer:
         """The serving forward of ``dense``, built once per dense version, on the execute thread."""

@@ -38,7 +38,8 @@ class TritonPythonModel:
                 f"ranker: parameter shared_table requires 'true' or 'false', got {shared!r}")
         runtime_class = SharedRankerRuntime if shared == "true" else RankerRuntime
         self.runtime = runtime_class(schema, triton.data_dir(params), args["model_instance_name"])
-        pb_utils.Logger.log_info(f"ranker {args['model_instance_name']}: {self.runtime.startup_message}")
+        pb_utils.Logger.log_info(f"ranker {args['model_instance_name']}: {self.runtime.startup_message}; "
+                                 f"request path warmed up in {self.runtime.warm_up_s:.2f} s")
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.m_rows = triton.Gauge("monolith_table_rows", "Rows in the embedding table", table="embeddings", **labels)
         self.m_seq = triton.Gauge("monolith_delta_seq", "Delta sequence number the ranker serves at", **labels)
