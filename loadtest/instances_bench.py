@@ -17,6 +17,11 @@ Memory, from /proc after the windows (every instance has served by then):
                                       among the processes mapping it (their sum is the table's
                                       resident bytes, counted once)
     stub_rss_bytes                    VmRSS of each ranker stub (for information)
+    cpu_us_per_request                per model: CPU microseconds per request (user + system, all
+                                      threads, from /proc/<pid>/stat) of its stubs, of tritonserver
+                                      and of the load generator, over its windows. On a saturated
+                                      machine rps follows the total; unlike rps it barely moves
+                                      when other work shares the cores.
 
 smaps counts a page as Private when only one process maps it, MAP_SHARED or
 not: with one instance every table page it touched is "private" to it, and
@@ -27,6 +32,7 @@ filled from the snapshot, so it holds only what it reads, like the others.)
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +44,7 @@ from loadtest.latency import _request_fids, _requests, _window
 from server.features import FeatureSchema
 
 _PARTS = ("keys", "rows", "stamps", "versions")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: int) -> None:
@@ -56,7 +63,7 @@ def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: 
     write_snapshot(data_dir, table, build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0)
 
 
-def _ranker_stubs(triton_pid: int) -> list[int]:
+def _model_stubs(triton_pid: int, model: str) -> list[int]:
     from server.launcher import processes
 
     stubs = []
@@ -67,9 +74,48 @@ def _ranker_stubs(triton_pid: int) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"/ranker/1/model.py" in cmdline:
+        if f"/{model}/1/model.py".encode() in cmdline:
             stubs.append(pid)
     return sorted(stubs)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class _CpuSplit:
+    """CPU per request of the serving model's stubs, tritonserver and the load
+    generator (this process), summed over windows: where the cores went."""
+
+    def __init__(self, triton_pid: int, stubs: dict[str, list[int]]):
+        self._groups = {"tritonserver": [triton_pid], "client": [os.getpid()], **stubs}
+        self.seconds = {model: {group: 0.0 for group in ("model_stubs", "tritonserver", "client")}
+                        for model in stubs}
+        self.requests = {model: 0 for model in stubs}
+
+    def measure(self, model: str, run_window):
+        """Runs ``run_window()`` -> (histogram, ...) and charges the CPU used meanwhile to ``model``."""
+        groups = {"model_stubs": self._groups[model], "tritonserver": self._groups["tritonserver"],
+                  "client": self._groups["client"]}
+        before = {g: sum(_cpu_s(p) for p in pids) for g, pids in groups.items()}
+        result = run_window()
+        for g, pids in groups.items():
+            self.seconds[model][g] += sum(_cpu_s(p) for p in pids) - before[g]
+        self.requests[model] += result[0].summary()["count"]
+        return result
+
+    def per_request_us(self) -> dict:
+        out = {}
+        for model, groups in self.seconds.items():
+            n = max(self.requests[model], 1)
+            out[model] = {g: round(s / n * 1e6, 1) for g, s in groups.items()}
+            out[model]["total"] = round(sum(groups.values()) / n * 1e6, 1)
+        return out
 
 
 def _rss_bytes(pid: int) -> int:
@@ -96,16 +142,17 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             url = serve.triton_grpc_url
             _window(url, "grpc", "ranker", requests, 2.0, None, concurrency, "poisson", 1_000_000, rng)
             counted = {"ranker": [0, 0.0], "baseline": [0, 0.0]}
+            cpu = _CpuSplit(serve.triton_pid, {m: _model_stubs(serve.triton_pid, m) for m in counted})
             for r in range(rounds):
                 for model in ("ranker", "baseline"):
                     print(f"[bench instances] {count}: round {r + 1}/{rounds} {model}", file=sys.stderr, flush=True)
-                    hist, errors, elapsed, _ = _window(url, "grpc", model, requests, window_s, None, concurrency,
-                                                       "poisson", 1_000_000, rng)
+                    hist, errors, elapsed, _ = cpu.measure(model, lambda m=model: _window(
+                        url, "grpc", m, requests, window_s, None, concurrency, "poisson", 1_000_000, rng))
                     if errors:
                         raise RuntimeError(f"{model} answered errors under load: {dict(errors)}")
                     counted[model][0] += hist.summary()["count"]
                     counted[model][1] += elapsed
-            stubs = _ranker_stubs(serve.triton_pid)
+            stubs = _model_stubs(serve.triton_pid, "ranker")
             directory = shm_directory(data_dir)
             table_bytes = sum(p.stat().st_size for p in directory.glob("gen-*") if p.suffix[1:] in _PARTS)
             private = [mapping_bytes(pid, str(directory)) for pid in stubs] if shared_table else None
@@ -118,7 +165,7 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             "table_bytes": table_bytes if shared_table else None,
             "table_private_bytes_per_instance": max(private) if private else None,
             "table_private_bytes_by_instance": private, "table_pss_bytes_by_instance": pss,
-            "stub_rss_bytes": rss}
+            "stub_rss_bytes": rss, "cpu_us_per_request": cpu.per_request_us()}
 
 
 def bench_instances(schema: FeatureSchema, counts: list[int], rows: int, candidates: int = 100,
@@ -150,4 +197,6 @@ def format_instances_report(result: dict) -> str:
                         f"(by instance: {[round(p / 2**20, 1) for p in row['table_private_bytes_by_instance']]})"
                         if table is not None else "private per instance (shared_table false)")
                      + f"; stub RSS MiB {[round(r / 2**20) for r in row['stub_rss_bytes']]}")
+        for model, split in row["cpu_us_per_request"].items():
+            lines.append(f"    CPU us per {model} request: " + ", ".join(f"{k} {v}" for k, v in split.items()))
     return "\n".join(lines)
