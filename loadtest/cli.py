@@ -13,10 +13,11 @@ from trainer.cli import add_dataset_option
 
 def add_commands(commands, bench) -> None:
     demo = commands.add_parser(
-        "demo", help="end to end on MovieLens-100K: batch train, serve, train online, replay live traffic",
-        description="Batch-trains on the first 80%% of MovieLens-100K, starts tritonserver and the online "
-        "trainer on loopback, replays the last 20%% in time order as ranking requests and feedback, shows "
-        "requests/s, p99 latency, freshness and the AUC of served scores live, and writes a report.")
+        "demo", help="end to end on MovieLens: batch train, serve, train online, replay live traffic",
+        description="Batch-trains on the first 80% of MovieLens-100K (or -1M, --dataset), starts tritonserver "
+        "and the online trainer on loopback, replays the last 20% in time order as ranking requests and "
+        "feedback, shows requests/s, p99 latency, freshness and the AUC of served scores live, and writes a "
+        "report.")
     demo.add_argument("--minutes", type=float, default=3.0, help="bound on the replay (default 3)")
     demo.add_argument("--concurrency", type=positive_int, default=4, help="client threads (default 4)")
     demo.add_argument("--negatives", type=int, default=9, help="extra candidates per request (default 9)")

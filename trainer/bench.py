@@ -1,10 +1,11 @@
 """``monolith-rt bench train``: full training steps against the dense part alone.
 
 Both run in the same process on the same MovieLens batches (first 80% by
-time, one thread; ``--dataset``). On ML-1M the full steps are also timed on
-ML-100K in the same run, the baseline of ``examples_per_s_vs_ml100k``. The floor is the DeepFM forward/backward/Adam step on
-pre-pooled fields, i.e. what remains if table lookup, pooling, admission,
-sparse Adagrad and touched-row tracking cost nothing.
+time, one thread; ``--dataset``). The floor is the DeepFM forward/backward/
+Adam step on pre-pooled fields, i.e. what remains if table lookup, pooling,
+admission, sparse Adagrad and touched-row tracking cost nothing. On ML-1M
+the full steps are also timed on ML-100K in the same run, the baseline of
+``examples_per_s_vs_ml100k``.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ def add_commands(commands, bench) -> None:
     train = commands.add_parser("train", help="batch or online training")
     modes = train.add_subparsers(dest="mode", required=True, metavar="MODE")
     batch = modes.add_parser(
-        "batch", help="one pass over MovieLens-100K history, then a snapshot to serve from",
-        description="Trains one time-ordered pass over the first --train-fraction of MovieLens-100K (fetched "
-        "once into the user cache), reports AUC on the rest, and writes a serving snapshot and a trainer "
-        "checkpoint into --data-dir.")
+        "batch", help="one pass over MovieLens history (--dataset), then a snapshot to serve from",
+        description="Trains one time-ordered pass over the first --train-fraction of MovieLens-100K or -1M "
+        "(fetched once into the user cache), reports AUC on the rest, and writes a serving snapshot and a "
+        "trainer checkpoint into --data-dir.")
     batch.add_argument("--data-dir", default="data", help="data directory shared with the server (default ./data)")
     batch.add_argument("--train-fraction", type=float, default=0.8, help="leading share trained on (default 0.8)")
     batch.add_argument("--batch-size", type=positive_int, default=1024, help="examples per step (default 1024)")
