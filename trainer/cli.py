@@ -28,7 +28,7 @@ def add_commands(commands, bench) -> None:
     batch.add_argument("--train-fraction", type=float, default=0.8, help="leading share trained on (default 0.8)")
     batch.add_argument("--batch-size", type=positive_int, default=1024, help="examples per step (default 1024)")
     batch.add_argument("--json", action="store_true", help="print one JSON object (and no progress bar)")
-    add_dataset_option(batch, "Here (2 shared cores): ml-100k ~5 s, ml-1m ~40 s with loading.")
+    add_dataset_option(batch, "Here (2 shared cores): ml-100k ~5 s, ml-1m ~25 s with loading.")
     batch.set_defaults(run=_run_batch)
     online = modes.add_parser(
         "online", help="train continuously from the server's logs and emit deltas",
@@ -71,9 +71,10 @@ def add_commands(commands, bench) -> None:
     experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")
     experiment.add_argument("--json", action="store_true", help="print one JSON object")
-    add_dataset_option(experiment, "Here (2 shared cores, 3 seeds): collisions ~2 min on ml-100k, ~15 min on "
-                       "ml-1m (base and crossed features); sync-interval ~3 min on ml-100k, ~15 min on ml-1m. "
-                       "calibration: ~2 min on ml-100k.")
+    add_dataset_option(experiment, "Here (2 shared cores, 3 seeds): collisions ~20 s on ml-100k, ~7 min on "
+                       "ml-1m (base and crossed features); sync-interval ~20 s on ml-100k, ~2.5 min on ml-1m "
+                       "(a sync after each of its 5,002 micro-batches is one more row); calibration ~2 min on "
+                       "ml-100k.")
     experiment.add_argument("--features", default=None,
                             help="collisions only: comma-separated feature sets, 'base' (the shipped schema) and/or "
                             "'crossed' (trainer/crossed_schema.json: + user x genre, user x year, occupation x item, "
@@ -88,7 +89,7 @@ def add_commands(commands, bench) -> None:
     train_bench.add_argument("--batch", type=positive_int, default=1024, help="examples per step (default 1024)")
     train_bench.add_argument("--json", action="store_true", help="print one JSON object")
     add_dataset_option(train_bench, "On ml-1m the ML-100K figure is measured in the same run as the baseline "
-                       "(examples_per_s_vs_ml100k). Here: ~10 s on ml-100k, ~40 s on ml-1m.")
+                       "(examples_per_s_vs_ml100k). Here: ~10 s on ml-100k, ~15 s on ml-1m.")
     train_bench.set_defaults(run=_run_bench_train)
 
 
