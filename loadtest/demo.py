@@ -138,7 +138,7 @@ def run_demo(schema: FeatureSchema, data_dir: Path, report_dir: Path, minutes: f
         "dataset": dataset,
         "requests": int(mask.sum()),
         "elapsed_s": round(elapsed, 1),
-        "requests_per_s": round(mask.sum() / elapsed, 1),
+        "requests_per_s": round(float(mask.sum()) / elapsed, 1),  # a float: orjson refuses numpy.float64
         "latency_ms": histogram.summary(),
         "errors": errors["count"],
         "served_auc": round(auc(tail.labels[mask], served[mask]), 4),

@@ -15,9 +15,10 @@ collisions
     more, for collision rates of the paper's order. A hashed FID keeps its
     slot bits, so admission and TTL act per slot as without hashing. (One
     space shared by all slots, as this experiment hashed until ML-1M came,
-    gives the same ML-100K figures within a std but hides collisions among
-    crossed features: a frequent ID then mostly shares its row with rarely
-    trained crossed FIDs.)
+    is milder, ML-100K hashed-1/2 0.6567 against 0.6453 per slot, and hides
+    collisions among crossed features: a frequent ID then mostly shares its
+    row with rarely trained crossed FIDs; ML-1M crossed hashed-1/2 scored
+    0.7423 there against 0.7233 per slot and 0.7430 collisionless.)
     Each hashed row reports ``collision_rate``: the share of the distinct
     FIDs that share their row with another FID (``collision_rate_user_id``,
     ``collision_rate_item_id``: the same over those slots' FIDs, the paper's
