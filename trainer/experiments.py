@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.features import PAD_FID, SIGNATURE_BITS, SLOT_IDS, FeatureSchema, load_schema, slot_of
+from server.features import PAD_FID, SIGNATURE_BITS, SLOT_IDS, FeatureSchema, Slot, shipped_schema, slot_of
 from server.table import cuckoo
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import DATASET_TITLES, Examples, load_dataset
@@ -136,22 +136,27 @@ def _summarize(name: str, results: dict[str, list[float]]) -> dict:
     return {"experiment": name, "rows": rows}
 
 
-def collision_rates(distinct: np.ndarray, hashed: np.ndarray) -> dict[str, float]:
+def collision_rates(distinct: np.ndarray, hashed: np.ndarray, schema: FeatureSchema) -> dict[str, float]:
     """Shares of the distinct FIDs whose hashed row also holds another FID: over all, and over the
-    user_id (slot 1) and item_id (slot 10) FIDs alone. ``hashed[i]`` is the row of ``distinct[i]``."""
+    user_id and item_id FIDs alone. ``hashed[i]`` is the row of ``distinct[i]``."""
     _, inverse, counts = np.unique(hashed, return_inverse=True, return_counts=True)
     shared = counts[inverse] > 1
     slots = slot_of(distinct)
     out = {"collision_rate": round(float(shared.mean()), 4) if shared.shape[0] else 0.0}
-    for name, slot in (("user_id", 1), ("item_id", 10)):
-        mine = slots == slot
+    for name in ("user_id", "item_id"):
+        mine = slots == schema.slot_named(name).slot
         out[f"collision_rate_{name}"] = round(float(shared[mine].mean()), 4) if mine.any() else 0.0
     return out
 
 
 def crossed_schema() -> FeatureSchema:
-    """The collisions experiment's schema with crossed slots (``trainer/crossed_schema.json``)."""
-    return load_schema(CROSSED_SCHEMA)
+    """The shipped schema plus the crossed slots of ``trainer/crossed_schema.json`` (validated as one)."""
+    base = shipped_schema()
+    try:
+        crosses = tuple(Slot(**slot) for slot in json.loads(CROSSED_SCHEMA.read_text())["slots"])
+        return FeatureSchema(base.slots + crosses, base.dense)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"experiment schema {CROSSED_SCHEMA}: {exc}") from exc
 
 
 def _examples(schema: FeatureSchema, dataset: str, quick: bool, examples: Examples | None) -> Examples:
@@ -195,7 +200,7 @@ def _collisions_one(schema: FeatureSchema, ex: Examples, seeds: int, prefix: str
             else:
                 hash_ = functools.partial(_hashed_by_slot, buckets=_slot_buckets(distinct, scale), salt=seed)
             user, items = hash_(ex.user_fids), hash_(ex.item_fids)
-            rates.setdefault(name, []).append(collision_rates(distinct, hash_(distinct)))
+            rates.setdefault(name, []).append(collision_rates(distinct, hash_(distinct), schema))
             model = _model(schema, seed)
             _train(model, ex, user, items, 0, split)
             score = auc(ex.labels[split:], model.predict(user[split:], items[split:]))

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.features import random_fids, slot_of
+from server.features import random_fids, shipped_schema, slot_of
 from trainer.experiments import _hashed, _hashed_by_slot, _slot_buckets, collision_rates
 
 
@@ -18,7 +18,7 @@ def test_collision_rate_is_the_share_of_fids_sharing_a_row(n, buckets, seed):
     rows = _hashed(distinct, buckets, seed % 7)
     per_row = Counter(rows.tolist())
     shared = [per_row[r] > 1 for r in rows.tolist()]
-    got = collision_rates(distinct, rows)
+    got = collision_rates(distinct, rows, shipped_schema())  # user_id: slot 1, item_id: slot 10
     assert got["collision_rate"] == round(sum(shared) / len(shared), 4)
     for name, slot in (("user_id", 1), ("item_id", 10)):
         mine = [s for s, f in zip(shared, distinct.tolist()) if f >> 48 == slot]
@@ -27,7 +27,7 @@ def test_collision_rate_is_the_share_of_fids_sharing_a_row(n, buckets, seed):
 
 def test_no_hashing_no_collisions(rng):
     distinct = np.unique(random_fids(1, rng, 1000))
-    assert collision_rates(distinct, distinct) == {"collision_rate": 0.0, "collision_rate_user_id": 0.0,
+    assert collision_rates(distinct, distinct, shipped_schema()) == {"collision_rate": 0.0, "collision_rate_user_id": 0.0,
                                                    "collision_rate_item_id": 0.0}
 
 
