@@ -82,10 +82,10 @@ def add_commands(commands, bench) -> None:
     experiment.set_defaults(run=_run_experiment)
 
     train_bench = bench.add_parser(
-        "train", help="training examples/s on MovieLens-100K (full step) vs the dense part alone",
+        "train", help="training examples/s on MovieLens (full step) vs the dense part alone",
         description="Times full training steps (lookup, pooling, forward, backward, sparse Adagrad + dense Adam "
-        "updates, touched-row tracking) over the first 80%% of MovieLens-100K on one thread, and the dense "
-        "forward/backward/update alone on the same batches as the floor.")
+        "updates, touched-row tracking) over the first 80% of MovieLens-100K or -1M on one thread, and the "
+        "dense forward/backward/update alone on the same batches as the floor.")
     train_bench.add_argument("--batch", type=positive_int, default=1024, help="examples per step (default 1024)")
     train_bench.add_argument("--json", action="store_true", help="print one JSON object")
     add_dataset_option(train_bench, "On ml-1m the ML-100K figure is measured in the same run as the baseline "
