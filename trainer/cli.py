@@ -74,7 +74,7 @@ def add_commands(commands, bench) -> None:
     add_dataset_option(experiment, "Here (2 shared cores, 3 seeds): collisions ~20 s on ml-100k, ~7 min on "
                        "ml-1m (base and crossed features); sync-interval ~20 s on ml-100k, ~2.5 min on ml-1m "
                        "(a sync after each of its 5,002 micro-batches is one more row); calibration ~2 min on "
-                       "ml-100k.")
+                       "either.")
     experiment.add_argument("--features", default=None,
                             help="collisions only: comma-separated feature sets, 'base' (the shipped schema) and/or "
                             "'crossed' (trainer/crossed_schema.json: + user x genre, user x year, occupation x item, "
