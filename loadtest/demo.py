@@ -1,6 +1,6 @@
 """``monolith-rt demo``: the whole system on real data, end to end, on this machine.
 
-1. batch-train on the first 80% of MovieLens-100K by time -> a snapshot
+1. batch-train on the first 80% of MovieLens-100K (or -1M, ``dataset``) by time -> a snapshot
 2. start tritonserver (serving that snapshot) and the online trainer
 3. replay the last 20% in time order as live traffic: for each rating, a
    ranking request (the rated movie plus ``negatives`` other movies as
@@ -31,7 +31,7 @@ from loadtest.histogram import LatencyHistogram
 from loadtest.stack import spawn_stack, wait_trainer_ready
 from server.client import RankerClient
 from server.features import FeatureSchema
-from trainer.data import load_movielens
+from trainer.data import DATASET_TITLES, load_dataset
 from trainer.model import auc
 from trainer.online import train_batch
 
@@ -39,11 +39,11 @@ _FRESHNESS_EVERY_S = 5.0
 
 
 def run_demo(schema: FeatureSchema, data_dir: Path, report_dir: Path, minutes: float, concurrency: int,
-             negatives: int, sync_interval_ms: float, seed: int = 0) -> dict:
+             negatives: int, sync_interval_ms: float, seed: int = 0, dataset: str = "ml-100k") -> dict:
     from tqdm import tqdm
 
-    examples = load_movielens(schema)
-    print(f"[demo] 1/3 batch training on the first 80% of {len(examples):,} MovieLens-100K ratings",
+    examples = load_dataset(dataset, schema)
+    print(f"[demo] 1/3 batch training on the first 80% of {len(examples):,} {DATASET_TITLES[dataset]} ratings",
           file=sys.stderr, flush=True)
     batch, batch_model = train_batch(schema, examples, data_dir, 0.8, progress=True)
     tail = examples.slice(int(len(examples) * 0.8), len(examples))
@@ -135,9 +135,10 @@ def run_demo(schema: FeatureSchema, data_dir: Path, report_dir: Path, minutes: f
     batch_scores = batch_model.predict(tail.user_fids[mask], tail.item_fids[mask])
     labels = tail.labels[mask]
     summary = {
+        "dataset": dataset,
         "requests": int(mask.sum()),
         "elapsed_s": round(elapsed, 1),
-        "requests_per_s": round(mask.sum() / elapsed, 1),
+        "requests_per_s": round(float(mask.sum()) / elapsed, 1),  # a float: orjson refuses numpy.float64
         "latency_ms": histogram.summary(),
         "errors": errors["count"],
         "served_auc": round(auc(tail.labels[mask], served[mask]), 4),

@@ -39,7 +39,7 @@ import sys
 import numpy as np
 
 from server.features import FeatureSchema
-from trainer.data import Examples, load_movielens
+from trainer.data import Examples, load_dataset
 from trainer.experiments import apply_delta
 from trainer.model import TrainerModel
 
@@ -116,13 +116,13 @@ def run_calibration(schema: FeatureSchema, quick: bool, datasets=("movielens", "
     "ratio", "ece", "examples"}, ...]}"""
     rows = []
     for dataset in datasets:
-        if dataset == "movielens":
-            ex = load_movielens(schema)
+        if dataset in ("movielens", "ml-1m"):  # "movielens": ML-100K, as before ML-1M came
+            ex = load_dataset("ml-100k" if dataset == "movielens" else dataset, schema)
             ex = ex.slice(0, 30_000) if quick else ex
         elif dataset == "synthetic":
             ex = synthetic_stream(schema, 40_000 if quick else 200_000, seed)
         else:
-            raise ValueError(f"dataset requires 'movielens' or 'synthetic', got {dataset!r}")
+            raise ValueError(f"dataset requires 'movielens', 'ml-1m' or 'synthetic', got {dataset!r}")
         for rate in rates:
             row = {"dataset": dataset, **calibrate_one(schema, ex, rate, seed)}
             rows.append(row)
