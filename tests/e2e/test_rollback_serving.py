@@ -17,7 +17,8 @@ from server.features import shipped_schema
 from server.launcher import TritonServer
 from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
-from updater.delta import DENSE, DeltaRecord
+from tests.stream_state import stream_state
+from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 from updater.tools import scan
 
@@ -27,17 +28,7 @@ USER, ITEMS = SCHEMA.encode_request({"user_id": 5}, [{"item_id": i} for i in ran
 
 
 def state(data, until_seq=None):
-    rows, dense = {}, build_dense(SCHEMA.num_fields, K, SCHEMA.dense).state_dict()
-    for _, _, _, record in scan(data / "deltas"):
-        if until_seq is not None and record.seq > until_seq:
-            break
-        if record.kind == DENSE:
-            dense = record.dense_state
-        else:
-            rows.update((f, r.tobytes()) for f, r in zip(record.fids.tolist(), record.values))
-            for f in record.evicted.tolist():
-                rows.pop(f, None)
-    return rows, dense
+    return stream_state(data / "deltas", until_seq)
 
 
 def served_state(data):

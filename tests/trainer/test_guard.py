@@ -9,10 +9,10 @@ import pytest
 from server.features import shipped_schema
 from server.streams import DELTAS, Streams
 from trainer.guard import Guard, GuardConfig, TrainerGuard, roll_back
+from tests.stream_state import stream_state
 from trainer.model import TrainerModel
 from updater.rollback import read_state, write_control
 from updater.stream import FileDeltaWriter
-from updater.tools import scan
 
 SCHEMA = shipped_schema()
 NEGATIVE_RATE = 0.1
@@ -112,22 +112,17 @@ def test_config_is_validated():
 
 
 def served_rows(data_dir):
-    rows = {}
-    for _, _, _, record in scan(Streams(data_dir).path(DELTAS)):
-        if record.kind == 1:
-            rows.update((f, r.tobytes()) for f, r in zip(record.fids.tolist(), record.values))
-            for f in record.evicted.tolist():
-                rows.pop(f, None)
-    return rows
+    return stream_state(Streams(data_dir).path(DELTAS))[0]
 
 
-def train_and_emit(model, writer, rng, steps, users=50, items=3000):
+USERS = np.stack([SCHEMA.encode({"user_id": u}, SCHEMA.user_slots) for u in range(50)])
+ITEMS = np.stack([SCHEMA.encode({"item_id": i}, SCHEMA.item_slots) for i in range(6000)])
+
+
+def train_and_emit(model, writer, rng, steps, items=3000):
     for _ in range(steps):
-        u = rng.integers(0, users, 64)
-        i = rng.integers(0, items, 64)
-        user = np.stack([SCHEMA.encode({"user_id": int(x)}, SCHEMA.user_slots) for x in u])
-        item = np.stack([SCHEMA.encode({"item_id": int(x)}, SCHEMA.item_slots) for x in i])
-        model.train_step(user, item, rng.integers(0, 2, 64).astype(np.float32), now=time.time())
+        u, i = rng.integers(0, len(USERS), 64), rng.integers(0, items, 64)
+        model.train_step(USERS[u], ITEMS[i], rng.integers(0, 2, 64).astype(np.float32), now=time.time())
         writer.append(model.take_delta(writer.next_seq))
 
 
@@ -138,8 +133,7 @@ def test_roll_back_restores_servers_and_the_trainer_to_the_state_at_s(tmp_path):
         s = writer.next_seq - 1
         at_s = served_rows(tmp_path)
         train_and_emit(model, writer, rng, 5, items=6000)  # new rows too
-        model.train_step(*[np.stack([SCHEMA.encode({"user_id": 7}, SCHEMA.user_slots)])] * 1,
-                         np.stack([SCHEMA.encode({"item_id": 99_999}, SCHEMA.item_slots)]),
+        model.train_step(USERS[7:8], np.stack([SCHEMA.encode({"item_id": 99_999}, SCHEMA.item_slots)]),
                          np.ones(1, np.float32), now=time.time())  # touched, never emitted (held)
         plan = roll_back(model, writer, tmp_path, SCHEMA, s, now=time.time())
         assert plan.to_seq == s and (~plan.found).any()
@@ -158,10 +152,7 @@ def test_operator_control_reaches_a_trainer_guard(tmp_path):
     assert not guard.emitting  # a trainer started after `deltas hold` starts held
     with FileDeltaWriter(Streams(tmp_path).path(DELTAS)) as writer:
         train_and_emit(model, writer, rng, 4)
-        at_2 = {}
-        for _, _, _, record in scan(Streams(tmp_path).path(DELTAS)):
-            if record.seq <= 2:
-                at_2.update((f, r.tobytes()) for f, r in zip(record.fids.tolist(), record.values))
+        at_2 = stream_state(Streams(tmp_path).path(DELTAS), until_seq=2)[0]
         write_control(tmp_path, hold=False)
         guard.poll_control(model, writer, time.time(), monotonic_s=1.0)
         assert guard.emitting and read_state(tmp_path)["request"] == 2

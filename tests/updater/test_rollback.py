@@ -15,29 +15,18 @@ from server.snapshot import write_snapshot
 from server.streams import DELTAS, Streams
 from server.streams.segments import list_segments
 from server.table import EmbeddingTable
-from updater.delta import DENSE, DeltaRecord
+from updater.delta import DeltaRecord
 from updater.rollback import (RollbackRangeError, plan_rollback, read_control, retained_range, rollback_now,
                               write_control)
 from updater.stream import FileDeltaWriter
-from updater.tools import scan
+from tests.stream_state import stream_state
 
 SCHEMA = shipped_schema()
 K = SCHEMA.dim
 
 
 def fold(data_dir, until_seq=None):
-    """The state a server reaches by replaying the stream from seq 1: {fid: row bytes}, dense state."""
-    rows, dense = {}, build_dense(SCHEMA.num_fields, K, SCHEMA.dense).state_dict()
-    for _, _, _, record in scan(Streams(data_dir).path(DELTAS)):
-        if until_seq is not None and record.seq > until_seq:
-            break
-        if record.kind == DENSE:
-            dense = record.dense_state
-            continue
-        rows.update((f, r.tobytes()) for f, r in zip(record.fids.tolist(), record.values))
-        for f in record.evicted.tolist():
-            rows.pop(f, None)
-    return rows, dense
+    return stream_state(Streams(data_dir).path(DELTAS), until_seq)
 
 
 def write_stream(data_dir, n_records, pool, seed, snapshot_at=(), segment_bytes=64 << 20):
