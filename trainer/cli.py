@@ -61,7 +61,7 @@ def add_commands(commands, bench) -> None:
         "rate, their ratio and the ECE (10 bins) of held-out served scores per rate (JSON only).")
     experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration", "guard"),
                             help="which experiment (guard: the quality guard against poison and drift, trainer."
-                            "guard_experiment; about 40 s per seed here, --quick about 10 s)")
+                            "guard_experiment; about a minute per seed here: --seeds 3 took 192 s, --quick about 20 s)")
     experiment.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
     experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants; guard: the last 40,000 (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")

@@ -41,10 +41,19 @@ the reference loss is then shared: ``source_share`` the part on suspect
 sources' examples, ``item_share`` the part on suspect items'. At the
 confirmation evaluation (one block later) the verdict is:
 
-    poison     the window without the suspect sources is no longer degraded
-               and source_share >= item_share (the damage follows sources)
-    drift      still degraded without them, or item_share > source_share
-               (the damage follows items, across sources: a change in taste)
+    poison     there are suspect sources, source_share >= max(item_share,
+               min_excess_share) (the damage follows sources), and the window
+               without them scores an AUC at least auc_margin above the
+               window at the hold (they hurt; a heavy but honest user whose
+               taste the model misses does not)
+    drift      otherwise, when the window is still degraded: released (the
+               damage follows items, across sources: a change in taste)
+
+A hold comes from a degraded window or from concentrated suspects alone
+(sources holding >= ``source_share`` of the window each, with a mean loss
+``source_z`` standard errors above the reference): bad input is caught even
+while the window AUC still looks fine. While held, new concentrated
+suspects extend the hold by a block (up to ``max_held_blocks``).
 
 Last known good: after each good evaluation, the seq that served the oldest
 example of that window (conservative: every state since then was judged).
@@ -155,6 +164,7 @@ class Guard:
         self._pending: Attribution | None = None
         self._pending_first_seq: int | None = None
         self._held_blocks = 0
+        self._hold_auc = float("nan")
 
     @property
     def emitting(self) -> bool:
@@ -242,6 +252,7 @@ class Guard:
         self._quarantine(found.sources, self.examples + c.quarantine_examples)
         self.state = HELD
         self.holds += 1
+        self._hold_auc = r.auc
         return Decision("hold", f"window AUC {r.auc:.4f} (se {r.auc_se:.4f}, {r.examples} examples, served at seq "
                         f"{r.seq_lo}..{r.seq_hi}) against reference {ref[0]:.4f}"
                         f"{'' if degraded else ' (within the margin)'}; {len(found.sources)} suspect sources "
@@ -272,13 +283,15 @@ class Guard:
             return None
         self._pending, self._held_blocks = None, 0
         self.state = OPEN
-        if len(pending.sources) and not still and pending.source_share >= max(pending.item_share, c.min_excess_share):
+        improved = r.auc - self._hold_auc >= c.auc_margin
+        if len(pending.sources) and improved and pending.source_share >= max(pending.item_share, c.min_excess_share):
             self.rollbacks += 1
             self._incident_until = self.examples + c.quarantine_examples
             self.monitor.clear()
             to_seq = self.good_seq if self._pending_first_seq is None else min(self.good_seq, self._pending_first_seq)
             return Decision("rollback", f"confirmed: without {len(pending.sources)} quarantined sources the window AUC "
-                            f"is {r.auc:.4f} (reference {ref[0]:.4f}); the damage follows sources (share "
+                            f"is {r.auc:.4f} ({self._hold_auc:.4f} with them, reference {ref[0]:.4f}); the damage "
+                            f"follows sources (share "
                             f"{pending.source_share:.2f} vs items {pending.item_share:.2f}): rolling back to seq "
                             f"{to_seq}", to_seq=to_seq, report=r.as_dict())
         for source in pending.sources.tolist():
@@ -348,7 +361,7 @@ class TrainerGuard:
     def __init__(self, data_dir, schema: FeatureSchema, config: GuardConfig | None = None):
         from prometheus_client import CollectorRegistry, Gauge
 
-        from updater.rollback import read_control
+        from updater.rollback import read_control, read_state
 
         self.data_dir = Path(data_dir)
         self.schema = schema
@@ -367,9 +380,9 @@ class TrainerGuard:
             ("window_log_loss", "mean log loss of served scores over the window"),
             ("window_calibration", "mean served score / observed rate over the window"),
             ("good_seq", "last known-good delta seq"))}
-        control = read_control(self.data_dir)
-        self.guard.operator_hold = bool(control["hold"])
-        self.request = int(control["request"]) if control["rollback_to_seq"] is None else self.request
+        done = read_state(self.data_dir) or {}
+        self.request, self.rollback_request = int(done.get("request", 0)), int(done.get("rollback_request", 0))
+        self.guard.operator_hold = bool(read_control(self.data_dir)["hold"])
 
     @property
     def emitting(self) -> bool:
@@ -386,7 +399,7 @@ class TrainerGuard:
 
     def poll_control(self, model: TrainerModel, writer, now: float, monotonic_s: float) -> None:
         """Acts on a changed control file (checked every CONTROL_POLL_S)."""
-        from updater.rollback import CONTROL, GUARD_DIR, RollbackRangeError, read_control
+        from updater.rollback import CONTROL, GUARD_DIR, read_control
 
         if monotonic_s < self._next_poll:
             return
@@ -412,12 +425,9 @@ class TrainerGuard:
             self.last_action = ("operator hold: sparse and dense emission stopped" if control["hold"] else
                                 "operator resume: emission goes on with the next sync")
             log.warning("guard: %s", self.last_action)
-        if control["rollback_to_seq"] is not None:
-            try:
-                self._roll_back(model, writer, int(control["rollback_to_seq"]), now)
-            except RollbackRangeError as exc:
-                self.last_action = f"operator rollback refused: {exc}"
-                log.error("guard: %s", self.last_action)
+        if control["rollback_request"] > self.rollback_request:
+            self.rollback_request = control["rollback_request"]
+            self._roll_back(model, writer, int(control["rollback_to_seq"]), now)
         self.write_state()
 
     def _roll_back(self, model: TrainerModel, writer, to_seq: int, now: float) -> None:
@@ -448,7 +458,8 @@ class TrainerGuard:
         from updater.rollback import GUARD_DIR, write_state
 
         status = self.guard.status()
-        write_state(self.data_dir, {**status, "request": self.request, "last_action": self.last_action})
+        write_state(self.data_dir, {**status, "request": self.request, "rollback_request": self.rollback_request,
+                                    "last_action": self.last_action})
         g = self._gauges
         g["holds_total"].set(status["holds"])
         g["rollbacks_total"].set(status["rollbacks"])

@@ -24,10 +24,19 @@ Retained range: [lowest base seq, last seq]; a target outside it is refused
 with the range in the message.
 
 Control file ``<data_dir>/guard/control.json`` (written to a temp file,
-fsynced, renamed): ``{"hold": bool, "rollback_to_seq": int | null,
-"request": int}``. A running trainer polls it; ``request`` grows by one per
-operator command, and the trainer records the last one it carried out in
-``<data_dir>/guard/state.json`` beside its guard state (same atomic write).
+fsynced, renamed): ``{"hold": bool, "request": int, "rollback_to_seq": int
+| null, "rollback_request": int}``. ``request`` grows by one per operator
+command; ``rollback_request`` is the request of the latest rollback (hold
+and resume leave it). The trainer polls the file and records the last
+request and the last rollback request it carried out in
+``<data_dir>/guard/state.json`` beside its guard state (same atomic write),
+so a restarted trainer neither repeats a rollback nor misses one.
+
+A rollback while no trainer runs is appended here *and* recorded as a
+request: the next trainer to start reconciles the stream to its checkpoint
+(trainer.online.reconcile, which would undo the rollback) and then carries
+out the recorded rollback, so servers and trainer both end at the state at
+S.
 """
 
 from __future__ import annotations
@@ -195,8 +204,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def read_control(data_dir) -> dict:
-    """{"hold", "rollback_to_seq", "request"} (defaults when no file)."""
-    return {"hold": False, "rollback_to_seq": None, "request": 0,
+    """{"hold", "request", "rollback_to_seq", "rollback_request"} (defaults when no file)."""
+    return {"hold": False, "request": 0, "rollback_to_seq": None, "rollback_request": 0,
             **(_read_json(Path(data_dir) / GUARD_DIR / CONTROL) or {})}
 
 
@@ -206,7 +215,8 @@ def write_control(data_dir, hold: bool | None = None, rollback_to_seq: int | Non
     control["request"] += 1
     if hold is not None:
         control["hold"] = hold
-    control["rollback_to_seq"] = rollback_to_seq
+    if rollback_to_seq is not None:
+        control["rollback_to_seq"], control["rollback_request"] = rollback_to_seq, control["request"]
     _write_json(Path(data_dir) / GUARD_DIR / CONTROL, control)
     return control
 
@@ -235,9 +245,11 @@ def rollback_now(data_dir, to_seq: int, schema: FeatureSchema, wait_s: float = 3
         try:
             plan = plan_rollback(data_dir, to_seq, schema)
             seqs = append_rollback(writer, plan)
+            write_control(data_dir, rollback_to_seq=to_seq)  # for the next trainer to adopt
         finally:
             writer.close()
-        return f"{plan.summary()}; appended as seq {seqs[0]}..{seqs[-1]}"
+        return (f"{plan.summary()}; appended as seq {seqs[0]}..{seqs[-1]}; no trainer running: the next one to "
+                f"start adopts the state at seq {to_seq}")
     low, last = retained_range(data_dir)
     if not low <= to_seq <= last:  # refuse before asking the trainer
         raise RollbackRangeError(f"rollback target requires a seq in the retained range {low}..{last} of "

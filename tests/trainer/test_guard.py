@@ -1,17 +1,20 @@
 """The quality guard on synthetic served scores (clean, poison, drift), and its rollback of a real trainer
 through a real delta stream (no Triton; tests/e2e/test_rollback_serving.py drives servers)."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 
 from server.features import shipped_schema
 from server.streams import DELTAS, Streams
 from trainer.guard import Guard, GuardConfig, TrainerGuard, roll_back
 from tests.stream_state import stream_state
 from trainer.model import TrainerModel
-from updater.rollback import read_state, write_control
+from trainer.online import OnlineTrainer
+from updater.rollback import read_state, rollback_now, write_control
 from updater.stream import FileDeltaWriter
 
 SCHEMA = shipped_schema()
@@ -167,3 +170,35 @@ def test_operator_control_reaches_a_trainer_guard(tmp_path):
     metrics = (tmp_path / "guard" / "metrics.prom").read_text()
     assert f"monolith_guard_rows_rolled_back_total {float(state['rows_rolled_back'])}" in metrics
     assert "monolith_guard_state 0.0" in metrics
+
+
+def test_a_rollback_made_while_no_trainer_runs_is_adopted_by_the_next_one(tmp_path):
+    """Offline `deltas rollback`: the restarted trainer first reconciles the stream to its checkpoint (which
+    undoes the rollback), then carries out the recorded rollback: servers and trainer end at the state at S."""
+    rng = np.random.default_rng(2)
+    trainer = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        train_and_emit(trainer.model, trainer.writer, rng, 3)
+        s = trainer.writer.next_seq - 1
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)
+        trainer.publish()  # checkpoint past S
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)  # records past the checkpoint
+    finally:
+        trainer.close()  # as after a kill: no publish
+    at_s = stream_state(Streams(tmp_path).path(DELTAS), until_seq=s)
+    assert "no trainer running" in rollback_now(tmp_path, s, SCHEMA)
+    restarted = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        assert "reconciled" in restarted.start_message
+        restarted.run(threading.Event(), max_seconds=0.3)
+        assert "rollback to seq" in read_state(tmp_path)["last_action"]
+        rows, dense = stream_state(Streams(tmp_path).path(DELTAS))
+        assert rows == at_s[0]
+        assert all(torch.equal(dense[k], at_s[1][k]) for k in dense)
+        stored, found = restarted.model.table.lookup_found(np.array(list(rows), np.uint64))
+        assert found.all() and len(restarted.model.table) == len(rows)
+        assert all(stored[k, : SCHEMA.dim].tobytes() == v for k, v in enumerate(rows.values()))
+    finally:
+        restarted.close()
+    again = TrainerGuard(tmp_path, SCHEMA)  # the rollback is not carried out a second time
+    assert again.rollback_request == read_state(tmp_path)["rollback_request"] == 1

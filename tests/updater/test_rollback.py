@@ -108,10 +108,12 @@ def test_a_rollback_cut_short_is_repaired_by_running_it_again(tmp_path):
 
 
 def test_the_control_file_counts_requests_and_keeps_hold(tmp_path):
-    assert read_control(tmp_path) == {"hold": False, "rollback_to_seq": None, "request": 0}
+    assert read_control(tmp_path) == {"hold": False, "rollback_to_seq": None, "request": 0, "rollback_request": 0}
     write_control(tmp_path, hold=True)
     control = write_control(tmp_path, rollback_to_seq=5)
-    assert control == {"hold": True, "rollback_to_seq": 5, "request": 2} == read_control(tmp_path)
+    assert control == {"hold": True, "rollback_to_seq": 5, "request": 2, "rollback_request": 2}
+    assert write_control(tmp_path, hold=False) == {"hold": False, "rollback_to_seq": 5, "request": 3,
+                                                   "rollback_request": 2} == read_control(tmp_path)
     (tmp_path / "guard" / "control.json").write_text("{not json")
     with pytest.raises(ValueError, match="control.json is unreadable"):
         read_control(tmp_path)
