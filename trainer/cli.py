@@ -63,7 +63,7 @@ def add_commands(commands, bench) -> None:
                             help="which experiment (guard: the quality guard against poison and drift, trainer."
                             "guard_experiment; about a minute per seed here: --seeds 3 took 192 s, --quick about 20 s)")
     experiment.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
-    experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants; guard: the last 40,000 (for tests)")
+    experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants; guard: a tail of 24,000 (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")
     experiment.add_argument("--json", action="store_true", help="print one JSON object")
     experiment.set_defaults(run=_run_experiment)

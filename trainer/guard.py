@@ -25,9 +25,10 @@ last ``window`` examples, leaving out sources in quarantine:
                                    ``quarantine_examples``; an incident
                                    begins: for that long, every new suspect
                                    source is quarantined at once
-    held   --drift-->     open     released; no alarm for
+    held   --drift-->     open     released; no window alarm for
                                    ``drift_cooldown_examples`` while the model
-                                   adapts, then a fresh reference
+                                   adapts (sources are still screened against
+                                   the old reference), then a fresh reference
     held   --recovered--> open     released (a false alarm)
 
 Poison or drift. Bad feedback comes from somewhere: a bot, a client that
@@ -43,8 +44,8 @@ confirmation evaluation (one block later) the verdict is:
 
     poison     there are suspect sources, source_share >= max(item_share,
                min_excess_share) (the damage follows sources), and the window
-               without them scores an AUC at least auc_margin above the
-               window at the hold (they hurt; a heavy but honest user whose
+               without them scores an AUC at least auc_margin above the same
+               window with them (they hurt; a heavy but honest user whose
                taste the model misses does not)
     drift      otherwise, when the window is still degraded: released (the
                damage follows items, across sources: a change in taste)
@@ -164,7 +165,6 @@ class Guard:
         self._pending: Attribution | None = None
         self._pending_first_seq: int | None = None
         self._held_blocks = 0
-        self._hold_auc = float("nan")
 
     @property
     def emitting(self) -> bool:
@@ -242,7 +242,13 @@ class Guard:
             return self._confirm(r, ref, window)
         degraded = self._degraded(r, ref)
         concentrated = (len(found.sources) > 0 and found.source_share >= max(found.item_share, c.min_excess_share))
-        if self.examples < self._cooldown_until and not concentrated:
+        if self.examples < self._cooldown_until:
+            if not concentrated:
+                return None
+        elif self._cooldown_until:  # the model has had its time to adapt: a fresh reference from here
+            self._cooldown_until = 0
+            self._reference.clear()
+            self._remember_good(r, window)
             return None
         if not degraded and not concentrated:
             self._remember_good(r, window)
@@ -252,12 +258,17 @@ class Guard:
         self._quarantine(found.sources, self.examples + c.quarantine_examples)
         self.state = HELD
         self.holds += 1
-        self._hold_auc = r.auc
         return Decision("hold", f"window AUC {r.auc:.4f} (se {r.auc_se:.4f}, {r.examples} examples, served at seq "
                         f"{r.seq_lo}..{r.seq_hi}) against reference {ref[0]:.4f}"
                         f"{'' if degraded else ' (within the margin)'}; {len(found.sources)} suspect sources "
                         f"(excess-loss share {found.source_share:.2f}), {len(found.items)} suspect items (share "
                         f"{found.item_share:.2f})", report=r.as_dict())
+
+    def _auc_with(self, sources: np.ndarray) -> float:
+        """AUC of the window with ``sources`` put back in (other quarantined sources still out)."""
+        scores, labels, seqs, all_sources, _ = self.monitor.arrays()
+        keep = self.keep(all_sources) | np.isin(all_sources, sources)
+        return report(scores[keep], labels[keep], seqs[keep]).auc
 
     def _remember_good(self, r: WindowReport, window) -> None:
         scores, labels = window[0], window[1]
@@ -283,14 +294,15 @@ class Guard:
             return None
         self._pending, self._held_blocks = None, 0
         self.state = OPEN
-        improved = r.auc - self._hold_auc >= c.auc_margin
+        with_them = self._auc_with(pending.sources)
+        improved = r.auc - with_them >= c.auc_margin
         if len(pending.sources) and improved and pending.source_share >= max(pending.item_share, c.min_excess_share):
             self.rollbacks += 1
             self._incident_until = self.examples + c.quarantine_examples
             self.monitor.clear()
             to_seq = self.good_seq if self._pending_first_seq is None else min(self.good_seq, self._pending_first_seq)
             return Decision("rollback", f"confirmed: without {len(pending.sources)} quarantined sources the window AUC "
-                            f"is {r.auc:.4f} ({self._hold_auc:.4f} with them, reference {ref[0]:.4f}); the damage "
+                            f"is {r.auc:.4f} ({with_them:.4f} with them, reference {ref[0]:.4f}); the damage "
                             f"follows sources (share "
                             f"{pending.source_share:.2f} vs items {pending.item_share:.2f}): rolling back to seq "
                             f"{to_seq}", to_seq=to_seq, report=r.as_dict())
@@ -299,7 +311,6 @@ class Guard:
         if still:
             self.drifts += 1
             self._cooldown_until = self.examples + c.drift_cooldown_examples
-            self._reference.clear()
             return Decision("drift", f"window AUC {r.auc:.4f} against reference {ref[0]:.4f}, still degraded with "
                             f"the suspect sources left out: the damage is not theirs (a change in taste): released, "
                             f"no window alarm for {c.drift_cooldown_examples} examples while the model adapts",
@@ -367,6 +378,7 @@ class TrainerGuard:
         self.schema = schema
         self.guard = Guard(config)
         self.request = 0
+        self.needs_checkpoint = False  # set by a rollback: the trainer checkpoints at once
         self.last_action = "started"
         self._next_poll = 0.0
         self._control_mtime = None
@@ -440,6 +452,7 @@ class TrainerGuard:
             log.error("guard: %s", self.last_action)
             return
         self.guard.rows_rolled_back += plan.fids.shape[0]
+        self.needs_checkpoint = True
         self.last_action = f"{plan.summary()}; appended up to seq {writer.next_seq - 1}"
         log.warning("guard: %s", self.last_action)
 

@@ -248,10 +248,8 @@ def recovery_examples(truth: np.ndarray, scores: np.ndarray, change: int) -> int
 def run_guard(schema: FeatureSchema, seeds: int = 1, quick: bool = False, negative_rate: float = 0.1,
               examples: Examples | None = None, guard_config: GuardConfig | None = None) -> dict:
     ex = examples or load_movielens(schema)
-    if quick:
-        ex = ex.slice(len(ex) - 40_000, len(ex))
     half = len(ex) // 2
-    head, tail = ex.slice(0, half), ex.slice(half, len(ex))
+    head, tail = ex.slice(0, half), ex.slice(half, min(len(ex), half + 24_000) if quick else len(ex))
     work = Path(tempfile.mkdtemp(prefix="monolith-guard-"))
     rows, curves = [], {}
     started = time.perf_counter()

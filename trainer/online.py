@@ -243,6 +243,11 @@ class OnlineTrainer:
                     self._train(waiting)
                     waiting, waiting_since = [], None
                 self.guard.poll_control(self.model, self.writer, time.time(), now)
+                if self.guard.needs_checkpoint:  # a restart must resume from the rolled-back state
+                    if waiting:
+                        self._train(waiting)
+                        waiting, waiting_since = [], None
+                    self.publish()
                 if now >= next_sync:
                     self._emit_sparse()
                     next_sync = now + cfg.sync_interval_s
@@ -281,6 +286,7 @@ class OnlineTrainer:
             # past it are retained, so a restart re-joins and re-trains what came since.
             log.warning("emission held: no snapshot or checkpoint now (%s)", self.guard.describe())
             return self.writer.next_seq - 1
+        self.guard.needs_checkpoint = False
         return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters(),
                        log_retention_s=self.config.log_retention_s)
 
