@@ -1,68 +1,68 @@
 """The quality guard: hold or roll back updates that make served scores worse,
 and let real drift through.
 
-It watches the prequential quality of served scores (trainer.quality) and
-decides at every closed block (``block`` examples) over the window of the
-last ``window`` examples, leaving out sources in quarantine:
+It watches the prequential quality of served scores (trainer.quality: each
+joined example's served score and the delta_seq it was served at, before
+the trainer learns from it) and decides at every closed block (``block``
+examples) over the window of the last ``window`` examples, leaving out
+sources in quarantine. Reference: the medians over the last
+``reference_windows`` good evaluations (at least 3) of the window AUC and of
+the mean and sd of the per-example log loss.
 
-    degraded   reference AUC - window AUC > max(auc_margin, z * se), or
-               window log loss - reference log loss > max(loss_margin *
-               reference, z * sd / sqrt(n)), with >= min_class positives and
-               negatives in the window; the reference is the median over the
-               last ``reference_windows`` good evaluations (at least 3) of
-               window AUC, mean and sd of the per-example log loss; se the
-               Hanley-McNeil standard error of the window AUC. A change
-               counts only when it is both large and significant. (With
-               negatives sampled at 0.1 a window of 2,000 holds ~150
-               negatives, so the AUC's se is ~0.025 and the loss is the
-               quicker signal.)
+    degraded      reference AUC - window AUC > max(auc_margin, z * se), se the
+                  Hanley-McNeil standard error of the window AUC (>= min_class
+                  positives and negatives): large *and* significant. With
+                  negatives sampled at 0.1 a window of 2,000 holds ~150
+                  negatives: se ~0.02, so a drop must pass ~0.06.
+    suspect       a source (the user-id FID, first user column) holding at
+    sources       least ``source_share`` of the window whose mean log loss is
+                  ``source_z`` standard errors (reference sd / sqrt(n)) above
+                  the reference mean; suspect items likewise (groups of at
+                  least ``min_group_examples``). ``source_share`` and
+                  ``item_share``: the parts of the window's excess loss (over
+                  the reference mean) on their examples.
+    concentrated  suspect sources with source_share >= max(item_share,
+                  min_excess_share)
 
-    open   --degraded-->  held     sparse and dense emission stop (the trainer
-                                   keeps training), the suspect sources stop
-                                   being trained on (provisional quarantine)
-    held   --poison-->    open     rollback to the last known-good seq, the
-                                   suspects stay quarantined for
-                                   ``quarantine_examples``; an incident
-                                   begins: for that long, every new suspect
-                                   source is quarantined at once
-    held   --drift-->     open     released; no window alarm for
-                                   ``drift_cooldown_examples`` while the model
-                                   adapts (sources are still screened against
-                                   the old reference), then a fresh reference
-    held   --recovered--> open     released (a false alarm)
+    open  --degraded or concentrated-->  held   sparse and dense emission and
+                                                snapshots stop (the trainer keeps
+                                                training); suspects are not
+                                                trained on (provisional quarantine)
+    held  --new concentrated suspects-->  held  one more block, they join the
+                                                suspects (up to max_held_blocks)
+    held  --poison-->  open   rollback to min(last known good, the seq that
+                              served the suspects' first example); suspects
+                              stay quarantined for ``quarantine_examples``, and
+                              for that long every new suspect is quarantined at
+                              once (an incident)
+    held  --drift-->   open   suspects released; no window alarm for
+                              ``drift_cooldown_examples`` while the model adapts
+                              (sources are still screened against the old
+                              reference), then a fresh reference
+    held  --else-->    open   released (a false alarm)
 
 Poison or drift. Bad feedback comes from somewhere: a bot, a client that
 inverts labels. Real drift comes from everywhere: many users change their
-taste for some items. So at the alarm the window's per-example log loss is
-attributed both ways, with a z-test per group against the window (group
-mean loss vs window mean, in window standard errors: ``source_z``, groups
-of at least ``min_group_examples``): suspect *sources* (the user-id FID,
-first user column) and suspect *items* (item-id FID). The excess loss over
-the reference loss is then shared: ``source_share`` the part on suspect
-sources' examples, ``item_share`` the part on suspect items'. At the
-confirmation evaluation (one block later) the verdict is:
+taste for some items. So the verdict, one block after the hold:
 
-    poison     there are suspect sources, source_share >= max(item_share,
-               min_excess_share) (the damage follows sources), and the window
-               without them scores an AUC at least auc_margin above the same
-               window with them (they hurt; a heavy but honest user whose
-               taste the model misses does not)
-    drift      otherwise, when the window is still degraded: released (the
-               damage follows items, across sources: a change in taste)
+    poison     concentrated suspects, and the window without them scores an
+               AUC at least auc_margin above the same window with them (they
+               hurt; a heavy but honest user whose taste the model misses
+               does not)
+    drift      otherwise, while the window is still degraded: the damage
+               follows items across sources
 
-A hold comes from a degraded window or from concentrated suspects alone
-(sources holding >= ``source_share`` of the window each, with a mean loss
-``source_z`` standard errors above the reference): bad input is caught even
-while the window AUC still looks fine. While held, new concentrated
-suspects extend the hold by a block (up to ``max_held_blocks``).
+Bad input spread thinly over many sources is not told apart from drift: it
+is let through like drift (the limit of this design).
 
 Last known good: after each good evaluation, the seq that served the oldest
-example of that window (conservative: every state since then was judged).
-The rollback itself is ``updater.rollback``: records restoring the state at
-that seq of every row and of the dense weights changed since (absolute
-values), applied by servers like any delta and to the trainer's own table
-(embeddings restored, Adagrad accumulators kept) so it does not re-emit
-what was undone.
+example of that window (every state since then was judged). The rollback
+itself is ``updater.rollback``: records restoring the state at that seq of
+every row and of the dense weights changed since (absolute values), plus
+the rows touched and not yet emitted, applied by servers like any delta and
+to the trainer's own table (embeddings restored, Adagrad accumulators kept)
+so it does not re-emit what was undone; the trainer then checkpoints at
+once, so a restart resumes from the rolled-back state.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ class GuardConfig:
     window: int = 2000
     block: int = 500
     auc_margin: float = 0.02
-    loss_margin: float = 0.05
     z: float = 3.0
     min_class: int = 50
     reference_windows: int = 8
