@@ -14,6 +14,13 @@ mean score / observed rate, the seq range that served it) and of the block
 alone (the per delta-seq range figures, kept for the last ``history``
 blocks). Memory: O(window + history).
 
+The window holds the examples the joiner hands the trainer, negatives as
+sampled (kept at the negative rate): AUC is unchanged by sampling one class,
+but log loss and calibration are those of the sampled stream (with
+negatives kept at 0.1 a calibrated model reads a ratio below 1); they are
+compared with their own reference, never with the unsampled figures of
+``experiment calibration``.
+
 Standard error of AUC (Hanley & McNeil 1982), A the AUC, P and Q the
 positive and negative counts::
 

@@ -59,6 +59,7 @@ from updater.delta import DENSE, DeltaRecord
 from updater.stream import FileDeltaReader, FileDeltaWriter
 
 GUARD_DIR = "guard"
+ROWS_PER_RECORD = 100_000
 CONTROL = "control.json"
 STATE = "state.json"
 
@@ -81,13 +82,18 @@ class RestorePlan:
     rows: np.ndarray
     dense_state: dict[str, torch.Tensor] | None
 
-    def records(self, next_seq: int, created_s: float | None = None) -> list[DeltaRecord]:
-        """The rollback as delta records numbered from ``next_seq``."""
+    def records(self, next_seq: int, created_s: float | None = None,
+                rows_per_record: int = ROWS_PER_RECORD) -> list[DeltaRecord]:
+        """The rollback as delta records numbered from ``next_seq``: the restored rows in records of at most
+        ``rows_per_record`` (a record stays far below the log's 64 MiB payload limit), the deletes with the
+        last of them, then the dense weights."""
         created_s = time.time() if created_s is None else created_s
-        out = [DeltaRecord.sparse(next_seq, created_s, self.fids[self.found], self.rows[self.found],
-                                  self.fids[~self.found])]
+        fids, rows, gone = self.fids[self.found], self.rows[self.found], self.fids[~self.found]
+        starts = range(0, max(1, fids.shape[0]), rows_per_record)
+        out = [DeltaRecord.sparse(next_seq + k, created_s, fids[a:a + rows_per_record], rows[a:a + rows_per_record],
+                                  gone if k == len(starts) - 1 else ()) for k, a in enumerate(starts)]
         if self.dense_state is not None:
-            out.append(DeltaRecord.dense(next_seq + 1, created_s, self.dense_state))
+            out.append(DeltaRecord.dense(next_seq + len(out), created_s, self.dense_state))
         return out
 
     def summary(self) -> str:

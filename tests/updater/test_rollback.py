@@ -92,6 +92,18 @@ def test_targets_outside_the_retained_range_are_refused(tmp_path):
     assert "rollback to seq 8 (stream at 12)" in rollback_now(tmp_path, 8, SCHEMA)
 
 
+def test_a_large_rollback_is_split_into_records_and_stays_exact(tmp_path):
+    write_stream(tmp_path, 12, 3000, 4)
+    expected = fold(tmp_path, until_seq=3)
+    plan = plan_rollback(tmp_path, 3, SCHEMA)
+    with FileDeltaWriter(Streams(tmp_path).path(DELTAS)) as writer:
+        records = plan.records(writer.next_seq, rows_per_record=7)
+        assert len(records) == -(-int(plan.found.sum()) // 7) + 1  # + the dense one
+        for record in records:
+            writer.append(record)
+    assert_state_equal(fold(tmp_path), expected)
+
+
 def test_a_rollback_cut_short_is_repaired_by_running_it_again(tmp_path):
     write_stream(tmp_path, 30, 500, 1)
     expected = fold(tmp_path, until_seq=10)
