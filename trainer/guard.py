@@ -179,14 +179,16 @@ class Guard:
             return np.ones(len(sources), np.bool_)
         return ~np.isin(sources, np.fromiter(self.quarantine, np.uint64, len(self.quarantine)))
 
-    def observe(self, scores, labels, seqs, sources, items) -> list[Decision]:
-        """Served scores of joined examples (before training on them); returns what to do."""
+    def observe(self, scores, labels, seqs, sources, items, weights=None) -> list[Decision]:
+        """Served scores of joined examples (before training on them; ``weights``: 1 / sample rate);
+        returns what to do."""
         self.examples += len(labels)
         if not self.config.enabled:
             return []
         keep = self.keep(np.asarray(sources, np.uint64))
         decisions = []
-        arrays = [np.asarray(a)[keep] for a in (scores, labels, seqs, sources, items)]
+        weights = np.ones(len(labels)) if weights is None else weights
+        arrays = [np.asarray(a)[keep] for a in (scores, labels, seqs, sources, items, weights)]
         for _ in self.monitor.add(*arrays):
             decision = self._evaluate()
             if decision is not None:
@@ -197,9 +199,10 @@ class Guard:
     # ------------------------------------------------------------ evaluation
 
     def _window(self):
-        scores, labels, seqs, sources, items = self.monitor.arrays()
-        keep = self.keep(sources)
-        return scores[keep], labels[keep], seqs[keep], sources[keep], items[keep]
+        """The monitor's window without quarantined sources: scores, labels, seqs, sources, items, weights."""
+        arrays = self.monitor.arrays()
+        keep = self.keep(arrays[3])
+        return tuple(a[keep] for a in arrays)
 
     def _reference_level(self) -> tuple[float, float, float] | None:
         """Medians of (AUC, loss mean, loss sd) over recent good windows; None before 3 of them."""
@@ -213,7 +216,7 @@ class Guard:
         return ref[0] - r.auc > max(self.config.auc_margin, self.config.z * r.auc_se)
 
     def _attribute(self, window, ref) -> Attribution:
-        scores, labels, _, sources, items = window
+        scores, labels, _, sources, items, _ = window
         c = self.config
         return attribute(labels, scores, sources, items, ref[1], ref[2], c.source_z,
                          max(c.min_group_examples, int(np.ceil(c.source_share * labels.shape[0]))),
@@ -225,8 +228,8 @@ class Guard:
         for source in [s for s, until in self.quarantine.items() if until <= self.examples]:
             del self.quarantine[source]
         window = self._window()
-        scores, labels, seqs, sources, items = window
-        r = report(scores, labels, seqs)
+        scores, labels, seqs, sources, items, weights = window
+        r = report(scores, labels, seqs, weights)
         self.last_report = r
         if r.positives < c.min_class or r.examples - r.positives < c.min_class:
             return None
@@ -265,13 +268,13 @@ class Guard:
 
     def _auc_with(self, sources: np.ndarray) -> float:
         """AUC of the window with ``sources`` put back in (other quarantined sources still out)."""
-        scores, labels, seqs, all_sources, _ = self.monitor.arrays()
+        scores, labels, seqs, all_sources, _, _ = self.monitor.arrays()
         keep = self.keep(all_sources) | np.isin(all_sources, sources)
         return report(scores[keep], labels[keep], seqs[keep]).auc
 
     def _remember_good(self, r: WindowReport, window) -> None:
-        scores, labels = window[0], window[1]
-        self._reference.append((r.auc, r.log_loss, float(log_losses(labels, scores).std())))
+        loss = log_losses(window[1], window[0])  # unweighted, as the per-group z-tests use it
+        self._reference.append((r.auc, float(loss.mean()), float(loss.std())))
         del self._reference[:-self.config.reference_windows]
         self.good_seq = max(self.good_seq, r.seq_lo)
 
@@ -399,9 +402,10 @@ class TrainerGuard:
     def emitting(self) -> bool:
         return self.guard.emitting
 
-    def observe(self, model: TrainerModel, writer, scores, seqs, labels, sources, items, now: float) -> np.ndarray:
+    def observe(self, model: TrainerModel, writer, scores, seqs, labels, sources, items, now: float,
+                weights=None) -> np.ndarray:
         """Served scores of a micro-batch before training; acts on decisions; returns the mask to train on."""
-        for decision in self.guard.observe(scores, labels, seqs, sources, items):
+        for decision in self.guard.observe(scores, labels, seqs, sources, items, weights):
             self.last_action = f"{decision.action}: {decision.reason}"
             if decision.action == "rollback":
                 self._roll_back(model, writer, decision.to_seq, now)

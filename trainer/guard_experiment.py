@@ -174,7 +174,7 @@ def replay(schema: FeatureSchema, base: TrainerModel, scenario: Scenario, varian
             sources, items = ex.user_fids[a:b, 0], ex.item_fids[a:b, 0]
             if guard is not None:
                 for decision in guard.observe(scores[keep], y[keep], np.full(int(keep.sum()), seq), sources[keep],
-                                              items[keep]):
+                                              items[keep], 1.0 / rates[keep]):
                     decisions.append({"at": a, "action": decision.action, "reason": decision.reason})
                     if decision.action == "rollback":
                         plan = roll_back(trainer, writer, data_dir, schema, decision.to_seq, float(b))

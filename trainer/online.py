@@ -297,7 +297,8 @@ class OnlineTrainer:
             self._scores.append(self.model.predict(user[part], items[part]))
             self._labels.append(labels[part])
             keep = self.guard.observe(self.model, self.writer, served[part], seqs[part], labels[part],
-                                      user[part, 0], items[part, 0], now=float(times[part].max()))
+                                      user[part, 0], items[part, 0], now=float(times[part].max()),
+                                      weights=1.0 / rates[part])
             if not keep.any():
                 continue
             self._losses.append(self.model.train_step(user[part][keep], items[part][keep], labels[part][keep],

@@ -7,6 +7,7 @@ last ``window`` examples (N below) in ring arrays:
 
     score float64[N]   served probability          label float32[N]   observed label
     seq   int64[N]     delta_seq it was served at  source, item uint64[N]   user-id and item-id FIDs
+    weight float64[N]  1 / sample rate
 
 and every ``block`` examples closes a block: the figures of the window then
 (``WindowReport``: AUC, its standard error, log loss, calibration ratio =
@@ -15,11 +16,10 @@ alone (the per delta-seq range figures, kept for the last ``history``
 blocks). Memory: O(window + history).
 
 The window holds the examples the joiner hands the trainer, negatives as
-sampled (kept at the negative rate): AUC is unchanged by sampling one class,
-but log loss and calibration are those of the sampled stream (with
-negatives kept at 0.1 a calibrated model reads a ratio below 1); they are
-compared with their own reference, never with the unsampled figures of
-``experiment calibration``.
+sampled (kept at the negative rate), each with weight 1 / sample rate: AUC
+is unchanged by sampling one class, and the weights make log loss and
+calibration those of the unsampled stream (a calibrated model reads a
+ratio near 1, as in ``experiment calibration``).
 
 Standard error of AUC (Hanley & McNeil 1982), A the AUC, P and Q the
 positive and negative counts::
@@ -70,14 +70,18 @@ def auc_standard_error(a: float, positives: int, negatives: int) -> float:
     return math.sqrt(max(var, 0.0))
 
 
-def report(scores: np.ndarray, labels: np.ndarray, seqs: np.ndarray) -> WindowReport:
+def report(scores: np.ndarray, labels: np.ndarray, seqs: np.ndarray, weights: np.ndarray | None = None
+           ) -> WindowReport:
+    """Figures of served scores; ``weights`` (1 / sample rate per example) make log loss and calibration
+    those of the unsampled stream (AUC does not change when one class is sampled)."""
     n = labels.shape[0]
     positives = int((labels > 0.5).sum())
     a = auc(labels, scores) if n else float("nan")
-    rate = labels.mean() if n else float("nan")
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    rate = float(w @ labels) / w.sum() if n else float("nan")
     return WindowReport(n, positives, a, auc_standard_error(a, positives, n - positives),
-                        float(log_losses(labels, scores).mean()) if n else float("nan"),
-                        float(scores.mean() / rate) if n and rate > 0 else float("nan"),
+                        float(w @ log_losses(labels, scores) / w.sum()) if n else float("nan"),
+                        float((w @ scores) / w.sum() / rate) if n and rate > 0 else float("nan"),
                         int(seqs.min()) if n else 0, int(seqs.max()) if n else 0)
 
 
@@ -93,31 +97,34 @@ class QualityMonitor:
         self._seq = np.zeros(window, np.int64)
         self._source = np.zeros(window, np.uint64)
         self._item = np.zeros(window, np.uint64)
+        self._weight = np.ones(window)
         self._filled = 0
         self._at = 0
         self._in_block = 0
         self.total = 0
         self.blocks: deque[WindowReport] = deque(maxlen=history)  # per delta-seq range
 
-    def add(self, scores, labels, seqs, sources, items) -> list[int]:
-        """Adds examples; returns the offsets (into this call's arrays) after which a block closed."""
+    def add(self, scores, labels, seqs, sources, items, weights=None) -> list[int]:
+        """Adds examples (``weights``: 1 / sample rate, default 1); returns the offsets (into this call's
+        arrays) after which a block closed."""
         closed = []
         n = len(labels)
+        weights = np.ones(n) if weights is None else weights
         start = 0
         while start < n:
             take = min(n - start, self.block - self._in_block)
-            self._put(slice(start, start + take), scores, labels, seqs, sources, items)
+            self._put(slice(start, start + take), scores, labels, seqs, sources, items, weights)
             self._in_block += take
             start += take
             if self._in_block == self.block:
                 self._in_block = 0
-                self.blocks.append(report(*self._recent(self.block)[:3]))
+                self.blocks.append(self._report(self._recent(self.block)))
                 closed.append(start)
         return closed
 
-    def _put(self, part, scores, labels, seqs, sources, items) -> None:
-        for k, (dst, src) in enumerate(((self._score, scores), (self._label, labels), (self._seq, seqs),
-                                        (self._source, sources), (self._item, items))):
+    def _put(self, part, scores, labels, seqs, sources, items, weights) -> None:
+        for dst, src in ((self._score, scores), (self._label, labels), (self._seq, seqs), (self._source, sources),
+                         (self._item, items), (self._weight, weights)):
             values = np.asarray(src)[part]
             idx = (self._at + np.arange(values.shape[0])) % self.window
             dst[idx] = values
@@ -127,17 +134,23 @@ class QualityMonitor:
         self.total += count
 
     def _recent(self, n: int) -> tuple[np.ndarray, ...]:
-        """(scores, labels, seqs, sources, items) of the newest n examples, oldest first."""
+        """(scores, labels, seqs, sources, items, weights) of the newest n examples, oldest first."""
         n = min(n, self._filled)
         idx = (self._at - n + np.arange(n)) % self.window
-        return (self._score[idx], self._label[idx], self._seq[idx], self._source[idx], self._item[idx])
+        return (self._score[idx], self._label[idx], self._seq[idx], self._source[idx], self._item[idx],
+                self._weight[idx])
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """The whole window, oldest first: scores, labels, seqs, sources, items."""
+        """The whole window, oldest first: scores, labels, seqs, sources, items, weights."""
         return self._recent(self._filled)
 
+    @staticmethod
+    def _report(arrays) -> WindowReport:
+        scores, labels, seqs, _, _, weights = arrays
+        return report(scores, labels, seqs, weights)
+
     def report(self) -> WindowReport:
-        return report(*self.arrays()[:3])
+        return self._report(self.arrays())
 
     def clear(self) -> None:
         """Forgets the window (after a rollback: its scores came from the state undone)."""

@@ -46,7 +46,7 @@ def add_commands(commands, bench) -> None:
         "to S) of every row and of the dense weights changed after S, and appends it as ordinary delta records "
         "(absolute rows, deletes for rows created after S); servers apply them like any delta. Refused when S is "
         "outside the retained range. With a trainer running, the trainer does it (and restores its own rows). "
-        "Reads the records from the base snapshot to the head of the stream (seconds for minutes of deltas).")
+        "Reads the records from the base snapshot to the head of the stream.")
     rollback.add_argument("--data-dir", default="data", help="data directory (default ./data)")
     rollback.add_argument("--to-seq", type=int, required=True, help="the seq whose state to restore")
     rollback.add_argument("--wait-s", type=float, default=30.0,
