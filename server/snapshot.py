@@ -98,13 +98,18 @@ def load_latest_snapshot(data_dir) -> Snapshot | None:
     """The newest snapshot that reads back cleanly, or None if there is none."""
     for path in reversed(list_snapshots(data_dir)):
         try:
-            meta = json.loads((path / "meta.json").read_text())
-            table = EmbeddingTable.load(path / "table.snap")
-            dense = decode_tensors((path / "dense.bin").read_bytes())
-            return Snapshot(table=table, dense_state=dense, delta_seq=int(meta["delta_seq"]), path=path)
+            return load_snapshot(path)
         except (OSError, ValueError, KeyError, SnapshotError) as exc:
             log.error("snapshot %s is unreadable (%s); trying an older one", path, exc)
     return None
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    """One snapshot directory; raises OSError, ValueError, KeyError or SnapshotError when it does not read back."""
+    meta = json.loads((path / "meta.json").read_text())
+    table = EmbeddingTable.load(path / "table.snap")
+    dense = decode_tensors((path / "dense.bin").read_bytes())
+    return Snapshot(table=table, dense_state=dense, delta_seq=int(meta["delta_seq"]), path=path)
 
 
 def prune_snapshots(data_dir, keep: int = 2) -> list[Path]:

@@ -77,6 +77,8 @@ class JoinedExamples:
     labels: list = field(default_factory=list)
     times: list = field(default_factory=list)
     sample_rates: list = field(default_factory=list)
+    served_scores: list = field(default_factory=list)  # what the ranker served, for the quality guard
+    served_seqs: list = field(default_factory=list)
 
     def add(self, record: FeatureRecord, candidate: int, label: float, rate: float) -> None:
         self.user_fids.append(record.user_fids)
@@ -84,6 +86,8 @@ class JoinedExamples:
         self.labels.append(label)
         self.times.append(record.request_time_s)
         self.sample_rates.append(rate)
+        self.served_scores.append(record.scores[candidate])
+        self.served_seqs.append(record.delta_seq)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,6 +95,10 @@ class JoinedExamples:
     def arrays(self):
         return (np.stack(self.user_fids), np.stack(self.item_fids), np.asarray(self.labels, np.float32),
                 np.asarray(self.times, np.float64), np.asarray(self.sample_rates, np.float32))
+
+    def served(self):
+        """(served scores float64[n], the delta_seq each was served at int64[n])."""
+        return np.asarray(self.served_scores, np.float64), np.asarray(self.served_seqs, np.int64)
 
 
 class _Pending:

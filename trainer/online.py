@@ -20,6 +20,14 @@ to agree with it (``reconcile``): records past the checkpoint are undone by
 one record of absolute values; a stream that ends before it is refused.
 
 Prequential AUC: each micro-batch is scored before it is trained on.
+
+Quality guard (trainer.guard, ``guard=False`` turns it off): every joined
+example carries the score serving gave it and the delta_seq it was served
+at; the guard judges them before training, may hold emission (sparse, dense
+and snapshots wait; training goes on without quarantined sources) and
+appends rollback records; the operator's ``monolith-rt deltas
+hold|resume|rollback`` reach it through <data_dir>/guard/control.json,
+polled every 0.5 s.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from server.snapshot import prune_snapshots, write_snapshot
 from server.streams import DELTAS, Streams, segment_bytes_from_env
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
+from trainer.guard import GuardConfig, TrainerGuard
 from trainer.joiner import Joiner
 from trainer.model import TrainerModel, auc
 from trainer.retention import apply_retention
@@ -70,6 +79,8 @@ class OnlineConfig:
     lr_dense: float = 1e-4
     # Feature/feedback log segments the checkpoint is past are kept this long.
     log_retention_s: float = 3600.0
+    # The quality guard (trainer.guard): hold or roll back updates that make served scores worse.
+    guard: bool = True
 
     def __post_init__(self):
         if not 0.05 <= self.sync_interval_s <= 86400:
@@ -205,6 +216,9 @@ class OnlineTrainer:
         self._labels: deque[np.ndarray] = deque(maxlen=PREQUENTIAL_BATCHES)
         self._losses: deque[float] = deque(maxlen=100)
         self._last_stats = (self.examples, self.emitted_rows)
+        self.guard = TrainerGuard(self.data_dir, schema, GuardConfig(enabled=self.config.guard))
+        if self.guard.guard.operator_hold:
+            self.start_message += "; held by the operator (monolith-rt deltas resume to emit)"
 
     def run(self, stop: threading.Event, max_seconds: float | None = None) -> None:
         cfg = self.config
@@ -222,12 +236,18 @@ class OnlineTrainer:
                 now = time.monotonic()
                 joined = self.joiner.poll(now)
                 if len(joined):
-                    waiting.append(joined.arrays())
+                    waiting.append(joined.arrays() + joined.served())
                     waiting_since = waiting_since or now
                 pending = sum(w[2].shape[0] for w in waiting)
                 if pending and (pending >= cfg.batch_size or now - waiting_since >= cfg.max_batch_delay_s):
                     self._train(waiting)
                     waiting, waiting_since = [], None
+                self.guard.poll_control(self.model, self.writer, time.time(), now)
+                if self.guard.needs_checkpoint:  # a restart must resume from the rolled-back state
+                    if waiting:
+                        self._train(waiting)
+                        waiting, waiting_since = [], None
+                    self.publish()
                 if now >= next_sync:
                     self._emit_sparse()
                     next_sync = now + cfg.sync_interval_s
@@ -261,20 +281,33 @@ class OnlineTrainer:
                 "unmatched": j.unmatched}
 
     def publish(self) -> int:
+        if not self.guard.emitting:
+            # A snapshot would serve the held rows. The last checkpoint stays the restart point: the logs
+            # past it are retained, so a restart re-joins and re-trains what came since.
+            log.warning("emission held: no snapshot or checkpoint now (%s)", self.guard.describe())
+            return self.writer.next_seq - 1
+        self.guard.needs_checkpoint = False
         return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters(),
                        log_retention_s=self.config.log_retention_s)
 
     def _train(self, waiting: list) -> None:
-        user, items, labels, times, rates = (np.concatenate(parts) for parts in zip(*waiting))
+        user, items, labels, times, rates, served, seqs = (np.concatenate(parts) for parts in zip(*waiting))
         for start in range(0, labels.shape[0], self.config.batch_size):
             part = slice(start, start + self.config.batch_size)
             self._scores.append(self.model.predict(user[part], items[part]))
             self._labels.append(labels[part])
-            self._losses.append(self.model.train_step(user[part], items[part], labels[part],
-                                                      now=float(times[part].max()), sample_rates=rates[part]))
+            keep = self.guard.observe(self.model, self.writer, served[part], seqs[part], labels[part],
+                                      user[part, 0], items[part, 0], now=float(times[part].max()),
+                                      weights=1.0 / rates[part])
+            if not keep.any():
+                continue
+            self._losses.append(self.model.train_step(user[part][keep], items[part][keep], labels[part][keep],
+                                                      now=float(times[part].max()), sample_rates=rates[part][keep]))
         self.examples += labels.shape[0]
 
     def _emit_sparse(self) -> None:
+        if not self.guard.emitting:  # held: rows stay pending and go out with the first sync after release
+            return
         record = self.model.take_delta(self.writer.next_seq)
         if record is not None:
             self.writer.append(record)
@@ -282,6 +315,8 @@ class OnlineTrainer:
             self.emitted_records += 1
 
     def _emit_dense(self) -> None:
+        if not self.guard.emitting:
+            return
         self._emit_sparse()
         self.writer.append(DeltaRecord.dense(self.writer.next_seq, time.time(), self.model.dense_state()))
         self.emitted_records += 1
@@ -301,6 +336,8 @@ class OnlineTrainer:
                  float(np.mean(self._losses)) if self._losses else float("nan"), self.prequential_auc(),
                  (self.emitted_rows - last[1]) / interval_s, self.examples, self.emitted_rows,
                  self.emitted_records, j.joined, j.negatives, j.late, j.buffered)
+        log.info("%s", self.guard.describe())
+        self.guard.write_state()
 
     def close(self) -> None:
         self.joiner.close()

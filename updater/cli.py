@@ -1,4 +1,4 @@
-"""``monolith-rt deltas inspect|verify|produce`` and ``bench apply``: the updater's commands."""
+"""``monolith-rt deltas inspect|verify|produce|hold|resume|rollback`` and ``bench apply``: the updater's commands."""
 
 from __future__ import annotations
 
@@ -33,6 +33,25 @@ def add_commands(commands, bench) -> None:
                          help="FIDs are drawn from 1..KEY_SPACE (default 100000)")
     produce.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     produce.set_defaults(run=_run_produce)
+    for verb, text in (("hold", "stop the trainer's sparse emission (it keeps training)"),
+                       ("resume", "let the trainer emit again (what it held goes out with the next sync)")):
+        control = actions.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}. Written durably "
+                                     "to <data-dir>/guard/control.json; a running trainer acts on it within 0.5 s, "
+                                     "one started later starts in that state.")
+        control.add_argument("--data-dir", default="data", help="data directory of the trainer (default ./data)")
+        control.set_defaults(run=_run_hold, hold=verb == "hold")
+    rollback = actions.add_parser(
+        "rollback", help="append records that restore every server to the state at --to-seq",
+        description="Rebuilds the state at seq S (newest retained snapshot at or before S, then the records up "
+        "to S) of every row and of the dense weights changed after S, and appends it as ordinary delta records "
+        "(absolute rows, deletes for rows created after S); servers apply them like any delta. Refused when S is "
+        "outside the retained range. With a trainer running, the trainer does it (and restores its own rows). "
+        "Reads the records from the base snapshot to the head of the stream.")
+    rollback.add_argument("--data-dir", default="data", help="data directory (default ./data)")
+    rollback.add_argument("--to-seq", type=int, required=True, help="the seq whose state to restore")
+    rollback.add_argument("--wait-s", type=float, default=30.0,
+                          help="with a trainer running, how long to wait for it (default 30)")
+    rollback.set_defaults(run=_run_rollback)
 
     apply = bench.add_parser(
         "apply", help="delta updater: read + decode + apply rows/s vs encoding the same rows",
@@ -74,6 +93,24 @@ def _run_produce(args: argparse.Namespace) -> int:
     finally:
         producer.close()
     print(f"wrote {producer.records} records, {producer.rows} rows to {args.path}")
+    return 0
+
+
+def _run_hold(args: argparse.Namespace) -> int:
+    from updater.rollback import set_hold
+
+    print(set_hold(args.data_dir, args.hold))
+    return 0
+
+
+def _run_rollback(args: argparse.Namespace) -> int:
+    from updater.rollback import RollbackRangeError, rollback_now
+
+    try:
+        print(rollback_now(args.data_dir, args.to_seq, schema(), args.wait_s))
+    except (RollbackRangeError, TimeoutError) as exc:
+        print(f"monolith-rt deltas rollback: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,26 @@
+"""What a server holds after replaying a delta stream from seq 1: the reference the rollback tests compare to."""
+
+from pathlib import Path
+
+from server.dense import build_dense
+from server.features import shipped_schema
+from updater.delta import DENSE
+from updater.tools import scan
+
+SCHEMA = shipped_schema()
+
+
+def stream_state(deltas: Path, until_seq: int | None = None) -> tuple[dict[int, bytes], dict]:
+    """({fid: row bytes}, dense state_dict) after records 1..until_seq (all when None); the dense weights
+    start as the schema's seeded ones, as a server with no snapshot starts."""
+    rows, dense = {}, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict()
+    for _, _, _, record in scan(deltas):
+        if until_seq is not None and record.seq > until_seq:
+            break
+        if record.kind == DENSE:
+            dense = record.dense_state
+            continue
+        rows.update((f, r.tobytes()) for f, r in zip(record.fids.tolist(), record.values))
+        for f in record.evicted.tolist():
+            rows.pop(f, None)
+    return rows, dense

@@ -1,0 +1,204 @@
+"""The quality guard on synthetic served scores (clean, poison, drift), and its rollback of a real trainer
+through a real delta stream (no Triton; tests/e2e/test_rollback_serving.py drives servers)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from server.features import shipped_schema
+from server.streams import DELTAS, Streams
+from trainer.guard import Guard, GuardConfig, TrainerGuard, roll_back
+from tests.stream_state import stream_state
+from trainer.model import TrainerModel
+from trainer.online import OnlineTrainer
+from updater.rollback import read_state, rollback_now, write_control
+from updater.stream import FileDeltaWriter
+
+SCHEMA = shipped_schema()
+NEGATIVE_RATE = 0.1
+
+
+class Stream:
+    """Impressions of 20,000 users x 2,000 items; click probability from item and user effects; the
+    served score is that probability seen through a model's error (logit noise). Negatives are kept at
+    0.1 (what the joiner hands the trainer); a new delta seq every 100 impressions."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.item_logit = self.rng.normal(0, 1.2, 2000)
+        self.user_logit = self.rng.normal(0, 0.5, 20_000)
+        self.seq = 0
+        self.flipped = np.zeros(2000, np.bool_)  # the users' taste for these items turned over
+        self.learned = np.zeros(2000, np.bool_)  # ... and the served model knows it
+
+    def batch(self, n=1000, bad_sources=0, bad_share=0.0):
+        self.seq += n // 100
+        users = self.rng.integers(0, 20_000, n)
+        items = self.rng.integers(0, 2000, n)
+        logit = self.item_logit[items] + self.user_logit[users]
+        p = 1 / (1 + np.exp(-logit))
+        served = 1 / (1 + np.exp(-(np.where(self.learned[items], -1, 1) * logit + self.rng.normal(0, 0.5, n))))
+        labels = (self.rng.random(n) < np.where(self.flipped[items], 1 - p, p)).astype(np.float32)
+        explicit = np.zeros(n, np.bool_)
+        if bad_sources:  # an inverting client: a few sources, explicit labels, the opposite of the truth
+            m = int(n * bad_share)
+            users[:m] = 1_000_000 + self.rng.integers(0, bad_sources, m)
+            labels[:m] = (self.rng.random(m) >= p[:m]).astype(np.float32)
+            explicit[:m] = True
+        keep = (labels > 0) | explicit | (self.rng.random(n) < NEGATIVE_RATE)
+        return (served[keep], labels[keep], np.full(int(keep.sum()), self.seq), users[keep].astype(np.uint64),
+                items[keep].astype(np.uint64))
+
+
+def replay(guard, stream, batches, **bad):
+    decisions = []
+    for _ in range(batches):
+        decisions += guard.observe(*stream.batch(**bad))
+    return decisions
+
+
+def test_a_long_clean_replay_raises_no_rollback_and_few_holds():
+    guard, stream = Guard(), Stream(0)
+    decisions = replay(guard, stream, 300)  # 300,000 impressions, ~330 evaluations
+    assert guard.evaluations > 300
+    assert guard.rollbacks == 0, decisions
+    assert guard.holds / guard.evaluations < 0.02, f"{guard.holds} holds in {guard.evaluations} evaluations"
+    assert guard.emitting and not guard.quarantine
+
+
+def test_an_inverting_client_is_held_rolled_back_and_quarantined():
+    guard, stream = Guard(), Stream(1)
+    replay(guard, stream, 20)
+    assert guard.holds == 0
+    seq_before = stream.seq
+    decisions = replay(guard, stream, 10, bad_sources=5, bad_share=0.3)
+    actions = [d.action for d in decisions]
+    assert actions[0] == "hold" and "rollback" in actions, decisions
+    rollback = decisions[actions.index("rollback")]
+    assert rollback.to_seq <= seq_before  # a state from before the first bad example was trained on
+    assert set(guard.quarantine) >= {1_000_000 + s for s in range(5)}
+    assert all(q >= 1_000_000 for q in guard.quarantine)  # no real user quarantined
+    served, labels, seqs, sources, items = stream.batch(bad_sources=5, bad_share=0.3)
+    assert not guard.keep(sources)[sources >= 1_000_000].any()  # their feedback is not trained on
+    assert guard.keep(sources)[sources < 1_000_000].all()
+    assert guard.emitting
+
+
+def test_a_change_in_taste_the_model_learns_is_let_through():
+    guard, stream = Guard(), Stream(2)
+    replay(guard, stream, 20)
+    stream.flipped[:600] = True  # every user turns over on 600 of 2,000 items
+    decisions = replay(guard, stream, 3)  # served scores lag 3,000 impressions behind
+    stream.learned[:600] = True
+    decisions += replay(guard, stream, 40)
+    assert guard.rollbacks == 0, decisions
+    assert guard.emitting and not guard.quarantine
+
+
+def test_a_change_in_taste_not_yet_learned_is_held_then_released_as_drift():
+    guard, stream = Guard(GuardConfig(drift_cooldown_examples=4000)), Stream(3)
+    replay(guard, stream, 20)
+    stream.flipped[:600] = True
+    decisions = replay(guard, stream, 20)
+    actions = [d.action for d in decisions]
+    assert "hold" in actions and "drift" in actions, decisions
+    assert "rollback" not in actions
+    assert guard.emitting and not guard.quarantine
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="requires 0 < block <= window"):
+        GuardConfig(window=100, block=500)
+
+
+def served_rows(data_dir):
+    return stream_state(Streams(data_dir).path(DELTAS))[0]
+
+
+USERS = np.stack([SCHEMA.encode({"user_id": u}, SCHEMA.user_slots) for u in range(50)])
+ITEMS = np.stack([SCHEMA.encode({"item_id": i}, SCHEMA.item_slots) for i in range(6000)])
+
+
+def train_and_emit(model, writer, rng, steps, items=3000):
+    for _ in range(steps):
+        u, i = rng.integers(0, len(USERS), 64), rng.integers(0, items, 64)
+        model.train_step(USERS[u], ITEMS[i], rng.integers(0, 2, 64).astype(np.float32), now=time.time())
+        writer.append(model.take_delta(writer.next_seq))
+
+
+def test_roll_back_restores_servers_and_the_trainer_to_the_state_at_s(tmp_path):
+    model, rng = TrainerModel(SCHEMA), np.random.default_rng(0)
+    with FileDeltaWriter(Streams(tmp_path).path(DELTAS)) as writer:
+        train_and_emit(model, writer, rng, 5)
+        s = writer.next_seq - 1
+        at_s = served_rows(tmp_path)
+        train_and_emit(model, writer, rng, 5, items=6000)  # new rows too
+        model.train_step(USERS[7:8], np.stack([SCHEMA.encode({"item_id": 99_999}, SCHEMA.item_slots)]),
+                         np.ones(1, np.float32), now=time.time())  # touched, never emitted (held)
+        plan = roll_back(model, writer, tmp_path, SCHEMA, s, now=time.time())
+        assert plan.to_seq == s and (~plan.found).any()
+        assert served_rows(tmp_path) == at_s  # byte for byte, rows created after S deleted
+        rows, found = model.table.lookup_found(np.array(list(at_s), np.uint64))
+        assert found.all()
+        assert all(rows[k, : SCHEMA.dim].tobytes() == v for k, v in enumerate(at_s.values()))
+        assert len(model.table) == len(at_s)
+        assert model.take_delta(writer.next_seq) is None  # nothing held is emitted afterwards
+
+
+def test_operator_control_reaches_a_trainer_guard(tmp_path):
+    model, rng = TrainerModel(SCHEMA), np.random.default_rng(1)
+    write_control(tmp_path, hold=True)
+    guard = TrainerGuard(tmp_path, SCHEMA)
+    assert not guard.emitting  # a trainer started after `deltas hold` starts held
+    with FileDeltaWriter(Streams(tmp_path).path(DELTAS)) as writer:
+        train_and_emit(model, writer, rng, 4)
+        at_2 = stream_state(Streams(tmp_path).path(DELTAS), until_seq=2)[0]
+        write_control(tmp_path, hold=False)
+        guard.poll_control(model, writer, time.time(), monotonic_s=1.0)
+        assert guard.emitting and read_state(tmp_path)["request"] == 2
+        write_control(tmp_path, rollback_to_seq=99)
+        guard.poll_control(model, writer, time.time(), monotonic_s=2.0)
+        assert "refused" in read_state(tmp_path)["last_action"] and "0..4" in read_state(tmp_path)["last_action"]
+        write_control(tmp_path, rollback_to_seq=2)
+        guard.poll_control(model, writer, time.time(), monotonic_s=3.0)
+        state = read_state(tmp_path)
+        assert state["request"] == 4 and state["last_action"].startswith("rollback to seq 2")
+        assert served_rows(tmp_path) == at_2
+    metrics = (tmp_path / "guard" / "metrics.prom").read_text()
+    assert f"monolith_guard_rows_rolled_back_total {float(state['rows_rolled_back'])}" in metrics
+    assert "monolith_guard_state 0.0" in metrics
+
+
+def test_a_rollback_made_while_no_trainer_runs_is_adopted_by_the_next_one(tmp_path):
+    """Offline `deltas rollback`: the restarted trainer first reconciles the stream to its checkpoint (which
+    undoes the rollback), then carries out the recorded rollback: servers and trainer end at the state at S."""
+    rng = np.random.default_rng(2)
+    trainer = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        train_and_emit(trainer.model, trainer.writer, rng, 3)
+        s = trainer.writer.next_seq - 1
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)
+        trainer.publish()  # checkpoint past S
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)  # records past the checkpoint
+    finally:
+        trainer.close()  # as after a kill: no publish
+    at_s = stream_state(Streams(tmp_path).path(DELTAS), until_seq=s)
+    assert "no trainer running" in rollback_now(tmp_path, s, SCHEMA)
+    restarted = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        assert "reconciled" in restarted.start_message
+        restarted.run(threading.Event(), max_seconds=0.3)
+        assert "rollback to seq" in read_state(tmp_path)["last_action"]
+        rows, dense = stream_state(Streams(tmp_path).path(DELTAS))
+        assert rows == at_s[0]
+        assert all(torch.equal(dense[k], at_s[1][k]) for k in dense)
+        stored, found = restarted.model.table.lookup_found(np.array(list(rows), np.uint64))
+        assert found.all() and len(restarted.model.table) == len(rows)
+        assert all(stored[k, : SCHEMA.dim].tobytes() == v for k, v in enumerate(rows.values()))
+    finally:
+        restarted.close()
+    again = TrainerGuard(tmp_path, SCHEMA)  # the rollback is not carried out a second time
+    assert again.rollback_request == read_state(tmp_path)["rollback_request"] == 1
