@@ -22,6 +22,7 @@ the models use come from flags and the environment, never from requests.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +39,9 @@ from pathlib import Path
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 _READY_POLL_S = 0.1
+_LOST_STUB_GRACE_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class TritonStartError(RuntimeError):
@@ -274,6 +278,11 @@ class TritonServer:
         if self.process is None:
             return None
         if self.process.poll() is None:
+            if lost := self.lost_stubs():
+                # Triton waits for a dead stub's model until its exit timeout (30 s): give the
+                # live stubs time to finalize (snapshot, log flush), not the dead one.
+                timeout_s = min(timeout_s, _LOST_STUB_GRACE_S)
+                log.warning("tritonserver lost stub(s) %s: stopping it with %.0f s of grace", lost, timeout_s)
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
