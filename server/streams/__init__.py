@@ -47,6 +47,9 @@ _STREAMS = (FEATURES, FEEDBACK, DELTAS, SNAPSHOTS, CHECKPOINTS)
 class Streams:
     """Where each stream of one data directory lives (the local, segment-file backend)."""
 
+    replica = "local"  # this host's name on the bus
+    reconnects = 0  # times the connection to the bus was re-established
+
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
 

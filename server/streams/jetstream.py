@@ -32,11 +32,13 @@ payload is split into parts. Headers::
     Mrt-Seq / Mrt-Part / Mrt-Parts / Mrt-Crc
                                 delta seq, part index, part count, CRC-32 of the whole record
 
-The expected last sequence fences the writer: when another writer (a second trainer, a zombie
-of the first) has published since, the stream refuses the publish (JetStream error 10071) and
-the writer raises ``FencedError`` and writes nothing more. The writers race only for the first
-publish after both have read the stream's end; whoever loses stops, so records never
-interleave. A reader reassembles parts in stream order and checks the part numbering, the
+Two fences keep the trainer the only writer. A lease: the writer creates a key-value entry
+(``monolith_lease``/trainer) that expires LEASE_TTL_S after its last refresh, and refreshes it
+with an expected revision; a second trainer finds it held and refuses to start (after waiting a
+TTL for a dead holder's entry to expire). And the expected last sequence on every publish: when
+another writer has published since (a zombie whose lease expired while it was paused), the
+stream refuses the publish (JetStream error 10071) and the writer raises ``FencedError`` and
+writes nothing more, so records never interleave. A reader reassembles parts in stream order and checks the part numbering, the
 record CRC and then the record's own CRC (DeltaRecord.decode), and that seqs follow each other
 without a gap; a record already seen (seq at or below the last one) is counted in
 ``duplicates`` and skipped; anything else raises DeltaError, which halts the updater (nothing of
@@ -73,6 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import nats.js.errors
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError
 
@@ -86,6 +89,9 @@ DELTA_SUBJECT = "monolith.deltas"
 SNAPSHOT_BUCKET = "monolith_snapshots"
 POINTER_BUCKET = "monolith_pointers"
 POINTER_KEY = "snapshot"
+LEASE_BUCKET = "monolith_lease"  # key-value, entries expire LEASE_TTL_S after their last write
+LEASE_KEY = "trainer"
+LEASE_TTL_S = 10.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-Sequence
 HEADER_SLACK = 512  # bytes of headers and subject kept free below the server's max payload
 PUBLISH_TIMEOUT_S = 5.0
@@ -221,11 +227,12 @@ class JetStreamStreams(Streams):
         super().__init__(data_dir)
         if config.local:
             raise ValueError("JetStreamStreams requires a nats:// bus, got 'local'")
-        self.config = config
+        self.config, self.replica = config, config.replica
         self.reconnects = self.disconnects = 0
         self.errors: deque[str] = deque(maxlen=100)
         self._loop = _Loop(f"nats-{config.replica}")
         self._instances_cache: dict[str, tuple[float, list[str]]] = {}
+        self._writers: list = []
         try:
             self.nc = self._loop.run(self._connect(connect_timeout_s), connect_timeout_s + 5)
         except Exception as exc:
@@ -283,8 +290,9 @@ class JetStreamStreams(Streams):
         await js.create_object_store(SNAPSHOT_BUCKET, api.ObjectStoreConfig(bucket=SNAPSHOT_BUCKET,
                                                                            replicas=replicas))
         await js.create_key_value(api.KeyValueConfig(bucket=POINTER_BUCKET, replicas=replicas, history=5))
-        await _wait_leader(js, f"OBJ_{SNAPSHOT_BUCKET}")
-        await _wait_leader(js, f"KV_{POINTER_BUCKET}")
+        await js.create_key_value(api.KeyValueConfig(bucket=LEASE_BUCKET, replicas=replicas, ttl=LEASE_TTL_S))
+        for bucket in (f"OBJ_{SNAPSHOT_BUCKET}", f"KV_{POINTER_BUCKET}", f"KV_{LEASE_BUCKET}"):
+            await _wait_leader(js, bucket)
 
     # ------------------------------------------------------------------ logs
 
@@ -323,8 +331,12 @@ class JetStreamStreams(Streams):
 
     # ------------------------------------------------------------------ deltas
 
-    def open_delta_writer(self, **options) -> "JetStreamDeltaWriter":
-        return JetStreamDeltaWriter(self)
+    def open_delta_writer(self, lease_wait_s: float = LEASE_TTL_S + 2, **options) -> "JetStreamDeltaWriter":
+        """The delta stream's writer, once it holds the trainer lease (waits up to ``lease_wait_s`` for
+        a previous holder's lease to expire; raises FencedError if another trainer still holds it)."""
+        writer = JetStreamDeltaWriter(self, lease_wait_s)
+        self._writers.append(writer)
+        return writer
 
     def open_delta_reader(self, after_seq: int = 0) -> "JetStreamDeltaReader":
         return JetStreamDeltaReader(self, after_seq)
@@ -458,6 +470,8 @@ class JetStreamStreams(Streams):
         return final
 
     def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
         try:
             self.run(self.nc.drain(), 10.0)
         except Exception as exc:
@@ -584,13 +598,19 @@ class JetStreamLogReader:
 
 
 class JetStreamDeltaWriter:
-    """The delta stream's one writer, fenced by the expected last sequence (module docstring)."""
+    """The delta stream's one writer: it holds the trainer lease (a key-value entry it rewrites every
+    LEASE_TTL_S / 4, which expires LEASE_TTL_S after the last rewrite) and every publish is fenced by
+    the expected last sequence (module docstring). The lease keeps a second trainer from starting
+    while one runs; the expected sequence keeps records from interleaving even when a paused
+    holder (a zombie) lost its lease without knowing."""
 
-    def __init__(self, streams: JetStreamStreams):
+    def __init__(self, streams: JetStreamStreams, lease_wait_s: float = LEASE_TTL_S + 2):
         self._streams = streams
         self.writer_id = f"w{os.getpid()}-{time.time_ns()}"
         self.fenced: str | None = None
         self.part_bytes = streams.max_payload - HEADER_SLACK
+        self._heartbeat = None
+        streams.run(self._acquire(lease_wait_s), lease_wait_s + 30)
 
         async def start():
             info = await streams.js.stream_info(STREAM_NAMES[DELTAS])
@@ -606,6 +626,38 @@ class JetStreamDeltaWriter:
             pointer = streams.snapshot_pointer()
             next_seq = (pointer["seq"] if pointer else 0) + 1
         self.next_seq = next_seq
+
+    async def _acquire(self, wait_s: float) -> None:
+        kv = await self._streams.js.key_value(LEASE_BUCKET)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                revision = await kv.create(LEASE_KEY, self.writer_id.encode())
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                if time.monotonic() >= deadline:
+                    try:
+                        holder = (await kv.get(LEASE_KEY)).value.decode()
+                    except Exception:
+                        holder = "?"
+                    raise FencedError(f"another trainer ({holder}) holds the lease on the delta stream "
+                                      f"{STREAM_NAMES[DELTAS]}: refusing to write (a lease expires {LEASE_TTL_S:.0f} s "
+                                      f"after its holder stops; waited {wait_s:.0f} s)") from None
+                await asyncio.sleep(0.5)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(kv, revision))
+
+    async def _beat(self, kv, revision: int) -> None:
+        while not self.fenced:
+            await asyncio.sleep(LEASE_TTL_S / 4)
+            try:
+                revision = await kv.update(LEASE_KEY, self.writer_id.encode(), last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self.fenced = (f"the trainer lease on the delta stream {STREAM_NAMES[DELTAS]} expired or was "
+                               f"taken (this trainer, {self.writer_id}, was paused past {LEASE_TTL_S:.0f} s?): "
+                               "this trainer stops")
+                log.error("%s", self.fenced)
+            except Exception as exc:  # a transient bus failure: the next beat tries again
+                log.warning("trainer lease refresh failed: %r", exc)
 
     def append(self, record) -> int:
         if self.fenced:
@@ -657,7 +709,22 @@ class JetStreamDeltaWriter:
         return [purged] if purged else []
 
     def close(self) -> None:
-        pass
+        """Gives the lease up (a successor need not wait for it to expire)."""
+        if self._heartbeat is None:
+            return
+        heartbeat, self._heartbeat = self._heartbeat, None
+
+        async def release():
+            heartbeat.cancel()
+            if not self.fenced:
+                kv = await self._streams.js.key_value(LEASE_BUCKET)
+                entry = await kv.get(LEASE_KEY)
+                if entry.value == self.writer_id.encode():
+                    await kv.purge(LEASE_KEY)
+        try:
+            self._streams.run(release(), 10.0)
+        except Exception as exc:
+            log.warning("releasing the trainer lease: %r", exc)
 
 
 class JetStreamDeltaReader:

@@ -53,7 +53,8 @@ REPLICA_PERMISSIONS = {
 }
 TRAINER_PERMISSIONS = {
     "publish": {"allow": ["monolith.deltas", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$O.monolith_snapshots.>",
-                          "$KV.monolith_pointers.>"],
+                          "$KV.monolith_pointers.>",
+                          "$KV.monolith_lease.>"],
                 "deny": ["monolith.features.>", "monolith.feedback.>"]},
     "subscribe": {"allow": [">"]},
 }

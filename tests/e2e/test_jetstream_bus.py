@@ -95,8 +95,14 @@ def test_deltas_round_trip_with_parts_and_the_second_writer_is_fenced(streams, r
     parts = trainer.run(trainer.js.stream_info("MONOLITH_DELTAS")).state.messages
     assert parts >= 6
 
-    # A second trainer starts: it reads the stream's end and publishes first; the first is refused.
-    second = streams().open_delta_writer()
+    # A second trainer cannot start while the first holds the lease ...
+    with pytest.raises(FencedError, match="holds the lease"):
+        streams().open_delta_writer(lease_wait_s=0.5)
+    # ... and when the first was paused past its lease (a zombie), the second takes over and the
+    # zombie's next publish is refused by the expected last sequence.
+    writer._heartbeat.cancel()
+    trainer.run(_purge_lease(trainer))
+    second = streams().open_delta_writer(lease_wait_s=0.5)
     assert second.next_seq == first + 3
     second.append(sparse(first + 3, rng))
     with pytest.raises(FencedError, match="another writer published"):
@@ -111,6 +117,12 @@ def test_deltas_round_trip_with_parts_and_the_second_writer_is_fenced(streams, r
     middle = streams("replica").open_delta_reader(first + 1)
     assert [r.seq for r in read_all(middle, 3)] == [first + 2, first + 3, first + 4]
     middle.close()
+    second.close()
+
+
+async def _purge_lease(streams):
+    kv = await streams.js.key_value("monolith_lease")
+    await kv.purge("trainer")
 
 
 def test_retry_is_deduplicated_and_corrupt_or_duplicate_records_are_never_applied(streams, rng):
@@ -145,6 +157,7 @@ def test_retry_is_deduplicated_and_corrupt_or_duplicate_records_are_never_applie
     reader.close()
     # A gap (a record missing) is refused too.
     purge_deltas(trainer)
+    writer.close()
     writer = trainer.open_delta_writer()
     start = writer.next_seq
     writer.append(sparse(start, rng))
@@ -155,6 +168,7 @@ def test_retry_is_deduplicated_and_corrupt_or_duplicate_records_are_never_applie
     with pytest.raises(DeltaError, match="gap"):
         read_all(reader, 1)
     reader.close()
+    writer.close()
 
 
 def test_replica_credentials_cannot_publish_a_delta_nor_purge(streams, rng):
