@@ -100,6 +100,7 @@ def spawn_bus_stack(root: str | Path, replicas: int = 2, nats_nodes: int = 3, tr
         stack.callback(lambda: [bus.stop_trainer(p) for p in bus.trainers])
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(bus.start_replica, [f"r{i}" for i in range(replicas)]))
+        bus.servers.sort(key=lambda server: server.data_dir.name)  # r0, r1, ... whichever was ready first
         if trainer:
             bus.wait_trainer_ready(bus.start_trainer(**trainer_args))
         yield bus

@@ -102,11 +102,16 @@ def publish(data_dir: Path, model: TrainerModel, writer: DeltaWriter, joiner: Jo
     writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
     seq = writer.next_seq - 1
     path = write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
+    published = True
     if streams is not None:
-        streams.publish_snapshot(path, seq)
+        try:
+            streams.publish_snapshot(path, seq)
+        except Exception as exc:  # servers still follow the stream; the next snapshot tries again
+            log.error("publishing snapshot %s to the bus failed: %r; no retention this time", path, exc)
+            published = False
     prune_snapshots(data_dir, keep=2)
     save_checkpoint(data_dir, model, joiner, seq, counters=counters)
-    if log_retention_s is not None:
+    if log_retention_s is not None and published:  # never drop deltas that no shared snapshot covers
         apply_retention(data_dir, writer, log_retention_s)
     return seq
 

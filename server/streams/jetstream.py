@@ -94,8 +94,10 @@ LEASE_KEY = "trainer"
 LEASE_TTL_S = 10.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-Sequence
 HEADER_SLACK = 512  # bytes of headers and subject kept free below the server's max payload
-PUBLISH_TIMEOUT_S = 5.0
-PUBLISH_ATTEMPTS = 3
+PUBLISH_TIMEOUT_S = 5.0  # one publish's wait for its acknowledgement
+LOG_PUBLISH_BUDGET_S = 10.0  # a log record unacknowledged this long is reported failed (feedback: not acked)
+DELTA_PUBLISH_BUDGET_S = 60.0  # the trainer waits out a failover (a reconnect, a leader election) rather than stop
+RETRY_PAUSE_S = 0.25
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ENV = {"url": "MONOLITH_BUS", "credentials": "MONOLITH_BUS_CREDENTIALS", "tls_ca": "MONOLITH_BUS_TLS_CA",
        "tls_cert": "MONOLITH_BUS_TLS_CERT", "tls_key": "MONOLITH_BUS_TLS_KEY", "replica": "MONOLITH_REPLICA_ID"}
@@ -204,6 +206,10 @@ class _Loop:
         self._thread.join(5.0)
 
 
+async def _failed(exc: Exception):
+    raise exc
+
+
 def _crc(data: bytes) -> str:
     return f"{zlib.crc32(data):08x}"
 
@@ -233,6 +239,7 @@ class JetStreamStreams(Streams):
         self._loop = _Loop(f"nats-{config.replica}")
         self._instances_cache: dict[str, tuple[float, list[str]]] = {}
         self._writers: list = []
+        self._uploaded: list[str] = []  # snapshot objects this process wrote (and older ones it found), oldest first
         try:
             self.nc = self._loop.run(self._connect(connect_timeout_s), connect_timeout_s + 5)
         except Exception as exc:
@@ -415,21 +422,31 @@ class JetStreamStreams(Streams):
             pointer = {"seq": int(seq), "object": name, "sha256": hashlib.sha256(data).hexdigest(),
                        "bytes": len(data), "position": position}
             kv = await self.js.key_value(POINTER_BUCKET)
+            if not self._uploaded:  # the newest before this process's first upload
+                previous = await self._read_pointer(kv)
+                self._uploaded += [previous["object"]] if previous else []
             await kv.put(POINTER_KEY, json.dumps(pointer).encode())
-            names = sorted(info.name for info in await store.list() if info.name.startswith("snapshot-"))
-            for old in names[:-keep] if keep > 0 else []:
-                await store.delete(old)
+            self._uploaded.append(name)
+            while len(self._uploaded) > max(keep, 1):
+                try:
+                    await store.delete(self._uploaded[0])
+                except Exception as exc:  # gone already: nothing to keep track of
+                    log.warning("snapshot store: deleting %s: %r", self._uploaded[0], exc)
+                del self._uploaded[0]
             return pointer
         return self.run(upload(), 120.0)
 
+    @staticmethod
+    async def _read_pointer(kv) -> dict | None:
+        try:
+            entry = await kv.get(POINTER_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return json.loads(entry.value)
+
     def snapshot_pointer(self) -> dict | None:
         async def read():
-            kv = await self.js.key_value(POINTER_BUCKET)
-            try:
-                entry = await kv.get(POINTER_KEY)
-            except Exception:  # nats.js.errors.KeyNotFoundError and friends: none yet
-                return None
-            return json.loads(entry.value)
+            return await self._read_pointer(await self.js.key_value(POINTER_BUCKET))
         return self.run(read(), 20.0)
 
     def fetch_snapshot(self) -> Path | None:
@@ -499,26 +516,33 @@ class JetStreamLogWriter:
 
     def sync(self) -> None:
         """Publishes the buffered records and returns once JetStream acknowledged every one; raises
-        BusError when some stay unacknowledged after PUBLISH_ATTEMPTS tries (they may still land)."""
+        BusError when some stay unacknowledged for LOG_PUBLISH_BUDGET_S (they may still land)."""
         batch, self._buffer = self._buffer, []
         if batch:
-            self._streams.run(self._publish(batch), PUBLISH_TIMEOUT_S * PUBLISH_ATTEMPTS + 5)
+            self._streams.run(self._publish(batch), LOG_PUBLISH_BUDGET_S + PUBLISH_TIMEOUT_S + 5)
 
     async def _publish(self, batch: list[tuple[str, bytes]]) -> None:
         js = self._streams.js
         pending, error = batch, None
-        for _ in range(PUBLISH_ATTEMPTS):
-            futures = [await js.publish_async(self._subject, payload,
-                                              headers={"Nats-Msg-Id": msg_id, "Mrt-Crc": _crc(payload)})
-                       for msg_id, payload in pending]
-            done = await asyncio.gather(*(asyncio.wait_for(f, PUBLISH_TIMEOUT_S) for f in futures),
-                                        return_exceptions=True)
+        deadline = time.monotonic() + LOG_PUBLISH_BUDGET_S
+        while True:
+            futures = []
+            for msg_id, payload in pending:
+                try:
+                    futures.append(asyncio.wait_for(await js.publish_async(
+                        self._subject, payload, headers={"Nats-Msg-Id": msg_id, "Mrt-Crc": _crc(payload)}),
+                        PUBLISH_TIMEOUT_S))
+                except Exception as exc:  # not even sent (a reconnect under way): tried again below
+                    futures.append(_failed(exc))
+            done = await asyncio.gather(*futures, return_exceptions=True)
             failed = [(item, outcome) for item, outcome in zip(pending, done) if isinstance(outcome, BaseException)]
             if not failed:
                 return
             pending, error = [item for item, _ in failed], failed[0][1]
-        raise BusError(f"{len(pending)} of {len(batch)} records to {self._subject} not acknowledged after "
-                       f"{PUBLISH_ATTEMPTS} attempts: {error!r}")
+            if time.monotonic() >= deadline:
+                raise BusError(f"{len(pending)} of {len(batch)} records to {self._subject} not acknowledged "
+                               f"within {LOG_PUBLISH_BUDGET_S:.0f} s: {error!r}")
+            await asyncio.sleep(RETRY_PAUSE_S)
 
     def close(self) -> None:
         self.sync()
@@ -673,13 +697,13 @@ class JetStreamDeltaWriter:
                        "Mrt-Seq": str(record.seq), "Mrt-Part": str(index), "Mrt-Parts": str(len(parts)),
                        "Mrt-Crc": crc}
             self._last_position = self._streams.run(self._publish(part, headers, record.seq),
-                                                    PUBLISH_TIMEOUT_S * PUBLISH_ATTEMPTS + 5)
+                                                    DELTA_PUBLISH_BUDGET_S + PUBLISH_TIMEOUT_S + 5)
         self.next_seq = record.seq + 1
         return record.seq
 
     async def _publish(self, part: bytes, headers: dict, seq: int) -> int:
-        error = None
-        for _ in range(PUBLISH_ATTEMPTS):
+        error, deadline = None, time.monotonic() + DELTA_PUBLISH_BUDGET_S
+        while time.monotonic() < deadline:
             try:
                 ack = await self._streams.js.publish(DELTA_SUBJECT, part, timeout=PUBLISH_TIMEOUT_S,
                                                      headers=dict(headers))
@@ -693,8 +717,8 @@ class JetStreamDeltaWriter:
                 error = exc
             except (asyncio.TimeoutError, nats.errors.Error) as exc:
                 error = exc  # the same message id again: JetStream drops it if the first try landed
-            await asyncio.sleep(0.2)
-        raise BusError(f"delta seq {seq}: not acknowledged after {PUBLISH_ATTEMPTS} attempts: {error!r}")
+            await asyncio.sleep(RETRY_PAUSE_S)
+        raise BusError(f"delta seq {seq}: not acknowledged within {DELTA_PUBLISH_BUDGET_S:.0f} s: {error!r}")
 
     def delete_before(self, seq: int) -> list:
         """Retention: purges the messages of records with delta seq < ``seq``; returns [purged count]."""
