@@ -40,6 +40,13 @@ class BusStack:
         self.servers.append(server)
         return server
 
+    def kill_replica(self, server: ServeProcess) -> None:
+        """kill -9 of a whole serving host: tritonserver's group (server and stubs) and serve."""
+        os.killpg(server.triton_pid, signal.SIGKILL)
+        server.process.kill()
+        server.process.wait()
+        self.servers.remove(server)
+
     def start_trainer(self, data_dir: Path | None = None, sync_interval_ms: float = 200.0, window_s: float = 2.0,
                       negative_rate: float = 0.1, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         data_dir = Path(data_dir or self.root / "trainer")
@@ -104,3 +111,52 @@ def spawn_bus_stack(root: str | Path, replicas: int = 2, nats_nodes: int = 3, tr
         if trainer:
             bus.wait_trainer_ready(bus.start_trainer(**trainer_args))
         yield bus
+
+
+def served_seq(client) -> int:
+    """The delta_seq a replica answers at now (one tiny ranking request)."""
+    from server.features import shipped_schema
+
+    user, items = shipped_schema().encode_request({"user_id": 1}, [{"item_id": 1}])
+    return client.rank(user, items, request_id=b"seq")[1]
+
+
+def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
+    """Stops the trainer (it emits its last records and a snapshot at seq S), waits until every
+    replica serves at S, stops them (each writes its own snapshot) and compares each replica's rows
+    (FIDs and bytes) and dense weights with the trainer's snapshot. Returns {"final_seq",
+    "trainer_rows", "replicas_identical", "per_replica": [{"replica", "delta_seq", "rows",
+    "fids_differ", "rows_differ", "dense_equal"}]}."""
+    import torch
+
+    from server.client import RankerClient
+    from server.snapshot import load_latest_snapshot
+
+    for process in stack.trainers:
+        stack.stop_trainer(process)
+    final = load_latest_snapshot(stack.trainers[0].data_dir)
+    for server in stack.servers:
+        with RankerClient(server.grpc_url, "grpc") as client:
+            deadline = time.monotonic() + timeout_s
+            while served_seq(client) < final.delta_seq and time.monotonic() < deadline:
+                time.sleep(0.1)
+        server.stop()
+    expected = _rows(final)
+    per_replica = []
+    for server in stack.servers:
+        served = load_latest_snapshot(server.data_dir)
+        actual = _rows(served) if served is not None else {}
+        per_replica.append({
+            "replica": server.data_dir.name, "delta_seq": served.delta_seq if served is not None else 0,
+            "rows": len(actual), "fids_differ": len(actual.keys() ^ expected.keys()),
+            "rows_differ": sum(actual.get(f) != v for f, v in expected.items()),
+            "dense_equal": served is not None and all(torch.equal(served.dense_state[k], v)
+                                                      for k, v in final.dense_state.items())})
+    identical = all(r["delta_seq"] == final.delta_seq and r["fids_differ"] == r["rows_differ"] == 0
+                    and r["dense_equal"] for r in per_replica)
+    return {"final_seq": final.delta_seq, "trainer_rows": len(expected), "replicas_identical": identical,
+            "per_replica": per_replica}
+
+
+def _rows(snapshot) -> dict:
+    return {f: row.tobytes() for fids, values, _ in snapshot.table.items() for f, row in zip(fids.tolist(), values)}

@@ -13,20 +13,17 @@ Network partitions (namespaces) are not covered: see test_partition_is_not_cover
 
 from __future__ import annotations
 
-import os
 import json
-import signal
 import time
 
 import numpy as np
 import pytest
-import torch
 
-from loadtest.bus_stack import spawn_bus_stack
+from loadtest.bus_stack import quiesce_and_compare, served_seq, spawn_bus_stack
 from loadtest.freshness import probe_once
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.snapshot import list_snapshots, load_latest_snapshot
+from server.snapshot import list_snapshots
 from server.streams import FEATURES, FEEDBACK
 from server.streams.records import FeatureRecord, FeedbackRecord
 
@@ -72,29 +69,6 @@ def read_feedback_ids(stack) -> set:
         admin.close()
 
 
-def served_seq(client) -> int:
-    user, items = SCHEMA.encode_request({"user_id": 1}, [{"item_id": 1}])
-    return client.rank(user, items, request_id=b"seq")[1]
-
-
-def wait_seq(client, seq: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (now := served_seq(client)) < seq:
-        assert time.monotonic() < deadline, f"replica stuck at delta_seq {now}, stream at {seq}"
-        time.sleep(0.1)
-
-
-def rows(snapshot) -> dict:
-    return {f: row.tobytes() for fids, values, _ in snapshot.table.items() for f, row in zip(fids.tolist(), values)}
-
-
-def kill_replica(server) -> None:
-    """kill -9 of a whole serving host: tritonserver's group (server and stubs) and serve."""
-    os.killpg(server.triton_pid, signal.SIGKILL)
-    server.process.kill()
-    server.process.wait()
-
-
 def test_replicas_survive_node_and_replica_kills_and_converge_byte_for_byte(tmp_path):
     rng = np.random.default_rng(14)
     acked: set = set()
@@ -116,7 +90,7 @@ def test_replicas_survive_node_and_replica_kills_and_converge_byte_for_byte(tmp_
         stack.cluster.start_node(1)
 
         # kill -9 of replica r1; traffic on r0 until retention has dropped the first deltas.
-        kill_replica(r1)
+        stack.kill_replica(r1)
         c1.close()
         admin = stack.admin()
         deadline = time.monotonic() + 60
@@ -134,23 +108,13 @@ def test_replicas_survive_node_and_replica_kills_and_converge_byte_for_byte(tmp_
 
         # Quiesce: the trainer stops (final sparse + dense records and a snapshot at seq S).
         time.sleep(2.5)  # the join window closes on the last impressions
-        assert stack.stop_trainer(trainer) == 0
-        final = load_latest_snapshot(trainer.data_dir)
         for client in (c0, c1, c2):
-            wait_seq(client, final.delta_seq)
             client.close()
-        for server in (r0, r1, r2):
-            server.stop()
-        expected = rows(final)
-        assert len(expected) > 200  # admission keeps only IDs seen often enough
-        for server in (r0, r1, r2):
-            served = load_latest_snapshot(server.data_dir)
-            assert served.delta_seq == final.delta_seq, server.data_dir
-            actual = rows(served)
-            assert actual.keys() == expected.keys(), f"{server.data_dir.name}: FIDs differ"
-            assert sum(actual[f] != v for f, v in expected.items()) == 0, f"{server.data_dir.name}: rows differ"
-            for name, tensor in final.dense_state.items():
-                assert torch.equal(served.dense_state[name], tensor), (server.data_dir.name, name)
+        result = quiesce_and_compare(stack)
+        assert trainer.returncode == 0
+        assert result["trainer_rows"] > 200  # admission keeps only IDs seen often enough
+        assert [r["replica"] for r in result["per_replica"]] == ["r0", "r1", "r2"]
+        assert result["replicas_identical"], result
         got = read_feedback_ids(stack)
         assert acked <= got, f"{len(acked - got)} acknowledged feedback records missing from the stream"
         checkpoint = sorted((trainer.data_dir / "trainer").iterdir())[-1]
