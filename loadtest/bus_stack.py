@@ -17,7 +17,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.streams.jetstream import BusConfig, JetStreamStreams
+from server.streams.bus import BusConfig
+from server.streams.jetstream import JetStreamStreams
 from server.streams.nats_cluster import NatsCluster
 from server.supervisor import ServeProcess
 

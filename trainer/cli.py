@@ -99,8 +99,12 @@ def _run_online(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    stop = threading.Event()  # before the slow imports and the start: a stop meanwhile still ends cleanly
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
     from server.streams.bus_options import configure_bus
-    from server.streams.jetstream import FencedError
+    from server.streams.bus import FencedError
     from trainer.online import OnlineConfig, OnlineTrainer, configure_torch
 
     configure_torch()
@@ -117,9 +121,6 @@ def _run_online(args: argparse.Namespace) -> int:
         print(f"online trainer not started: {exc}", file=sys.stderr, flush=True)
         return 4
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         trainer.run(stop, max_seconds=args.max_seconds)
     finally:

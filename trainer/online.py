@@ -44,7 +44,7 @@ import torch
 from server.features import FeatureSchema
 from server.snapshot import prune_snapshots, write_snapshot
 from server.streams import Streams, open_streams, segment_bytes_from_env
-from server.streams.jetstream import FencedError
+from server.streams.bus import FencedError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.joiner import Joiner

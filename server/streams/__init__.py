@@ -111,7 +111,11 @@ class Streams:
 def open_streams(data_dir: str | Path, bus=None) -> Streams:
     """The streams of ``data_dir`` on the configured bus (``bus``: a BusConfig; default: from the
     environment, ``local`` when unset)."""
-    from server.streams.jetstream import BusConfig, JetStreamStreams
+    from server.streams.bus import BusConfig
 
     bus = BusConfig.from_env() if bus is None else bus
-    return Streams(data_dir) if bus.local else JetStreamStreams(data_dir, bus)
+    if bus.local:
+        return Streams(data_dir)
+    from server.streams.jetstream import JetStreamStreams  # the NATS client, only when it is used
+
+    return JetStreamStreams(data_dir, bus)

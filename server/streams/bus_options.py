@@ -38,7 +38,7 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
 def configure_bus(args: argparse.Namespace, role: str):
     """The bus the options name (``role``: "replica" or "trainer", whose credentials --spawn-nats uses),
     exported to the environment of this process and its children."""
-    from server.streams.jetstream import BusConfig
+    from server.streams.bus import BusConfig
 
     env = BusConfig.from_env()
     if args.spawn_nats:
@@ -53,7 +53,8 @@ def configure_bus(args: argparse.Namespace, role: str):
 
 
 def _spawn(role: str) -> tuple[str, str]:
-    from server.streams.jetstream import BusConfig, JetStreamStreams
+    from server.streams.bus import BusConfig
+    from server.streams.jetstream import JetStreamStreams
     from server.streams.nats_cluster import NatsCluster
 
     cluster = NatsCluster(tempfile.mkdtemp(prefix="monolith-nats-")).start()

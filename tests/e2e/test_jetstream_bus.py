@@ -13,8 +13,7 @@ import torch
 
 from server.snapshot import load_latest_snapshot, write_snapshot
 from server.streams import FEEDBACK
-from server.streams.jetstream import (DELTA_SUBJECT, BusConfig, BusError, FencedError, JetStreamStreams,
-                                      read_credentials)
+from server.streams.jetstream import DELTA_SUBJECT, BusConfig, BusError, FencedError, JetStreamStreams
 from server.streams.nats_cluster import NatsCluster
 from server.streams.records import FeedbackRecord
 from server.table import EmbeddingTable
@@ -64,18 +63,6 @@ def read_all(reader, expect: int, timeout_s: float = 10.0) -> list:
         out += reader.read()
         time.sleep(0.01)
     return out
-
-
-def test_credentials_file_must_be_private(tmp_path):
-    path = tmp_path / "creds"
-    path.write_text("replica\nsecret\n")
-    path.chmod(0o644)
-    with pytest.raises(BusError, match="requires mode 0600"):
-        read_credentials(path)
-    path.chmod(0o600)
-    assert read_credentials(path) == {"user": "replica", "password": "secret"}
-    with pytest.raises(ValueError, match="--bus requires"):
-        BusConfig(url="http://h:1")
 
 
 def test_deltas_round_trip_with_parts_and_the_second_writer_is_fenced(streams, rng):
