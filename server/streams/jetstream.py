@@ -95,6 +95,7 @@ PUBLISH_TIMEOUT_S = 5.0  # one publish's wait for its acknowledgement
 LOG_PUBLISH_BUDGET_S = 10.0  # a log record unacknowledged this long is reported failed (feedback: not acked)
 DELTA_PUBLISH_BUDGET_S = 60.0  # the trainer waits out a failover (a reconnect, a leader election) rather than stop
 RETRY_PAUSE_S = 0.25
+PING_INTERVAL_S = 2.0
 
 
 class _Loop:
@@ -111,6 +112,22 @@ class _Loop:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5.0)
+
+
+_TRANSIENT = (asyncio.TimeoutError, nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
+              nats.js.errors.ServiceUnavailableError)  # a failover or an election under way
+
+
+async def _retrying(call, budget_s: float = 20.0):
+    """``await call()``, again after a transient failure, for up to ``budget_s`` (idempotent reads only)."""
+    deadline = time.monotonic() + budget_s
+    while True:
+        try:
+            return await call()
+        except _TRANSIENT:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(RETRY_PAUSE_S)
 
 
 async def _failed(exc: Exception):
@@ -170,6 +187,8 @@ class JetStreamStreams(Streams):
         return await nats.connect(self.config.servers, name=f"monolith-{self.config.replica}",
                                   connect_timeout=timeout_s, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
                                   allow_reconnect=True, reconnected_cb=reconnected, disconnected_cb=disconnected,
+                                  # a silent link (a partition, not a reset) is noticed within ~6 s, not 4 min
+                                  ping_interval=PING_INTERVAL_S, max_outstanding_pings=2,
                                   error_cb=error, **self.config.connect_options())
 
     def run(self, coro, timeout_s: float | None = 30.0):
@@ -233,7 +252,7 @@ class JetStreamStreams(Streams):
         cached = self._instances_cache.get(stream)
         if cached is not None and time.monotonic() - cached[0] < 1.0:
             return cached[1]
-        info = self.run(self.js.stream_info(STREAM_NAMES[stream], subjects_filter=">"))
+        info = self.run(_retrying(lambda: self.js.stream_info(STREAM_NAMES[stream], subjects_filter=">")))
         prefix = SUBJECT_PREFIX[stream] + "."
         found = sorted(s[len(prefix):] for s in (info.state.subjects or {}) if s.startswith(prefix))
         self._instances_cache[stream] = (time.monotonic(), found)
@@ -258,7 +277,8 @@ class JetStreamStreams(Streams):
     async def _message(self, stream_seq: int):
         """The first DELTAS message at or after ``stream_seq`` (None: none yet)."""
         try:
-            return await self.js._jsm.get_msg(STREAM_NAMES[DELTAS], seq=stream_seq, subject=DELTA_SUBJECT, next=True)
+            return await _retrying(lambda: self.js._jsm.get_msg(STREAM_NAMES[DELTAS], seq=stream_seq,
+                                                                 subject=DELTA_SUBJECT, next=True))
         except NotFoundError:
             return None
         except APIError as exc:
@@ -269,7 +289,7 @@ class JetStreamStreams(Streams):
     async def _position(self, seq: int) -> tuple[int, int | None]:
         """(stream sequence of the first message of the first record with delta seq >= ``seq``, its seq);
         (last + 1, None) when there is none yet. Binary search over the stream's retained messages."""
-        info = await self.js.stream_info(STREAM_NAMES[DELTAS])
+        info = await _retrying(lambda: self.js.stream_info(STREAM_NAMES[DELTAS]))
         first, last = info.state.first_seq, info.state.last_seq
         if info.state.messages == 0:
             return last + 1, None
@@ -467,10 +487,10 @@ class _Follower:
         async def on_message(msg):
             self.queue.append(msg)
 
-        async def subscribe():
-            return await streams.js.subscribe(subject, stream=STREAM_NAMES[stream], cb=on_message,
-                                              ordered_consumer=True, idle_heartbeat=1.0, **policy)
-        self._sub = streams.run(subscribe(), 20.0)
+        async def subscribe():  # a lost try leaves at most an ephemeral consumer that the server drops
+            return await _retrying(lambda: streams.js.subscribe(subject, stream=STREAM_NAMES[stream], cb=on_message,
+                                                                ordered_consumer=True, idle_heartbeat=1.0, **policy))
+        self._sub = streams.run(subscribe(), 40.0)
 
     def take(self, limit: int) -> list:
         out = []
@@ -565,6 +585,9 @@ class JetStreamDeltaWriter:
             try:
                 revision = await kv.create(LEASE_KEY, self.writer_id.encode())
                 break
+            except (asyncio.TimeoutError, nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+                if time.monotonic() >= deadline:  # the bus did not answer (a failover): not a verdict
+                    raise BusError(f"trainer lease: no answer from the bus within {wait_s:.0f} s: {exc!r}") from exc
             except nats.js.errors.KeyWrongLastSequenceError:
                 if time.monotonic() >= deadline:
                     try:
@@ -582,13 +605,23 @@ class JetStreamDeltaWriter:
             await asyncio.sleep(LEASE_TTL_S / 4)
             try:
                 revision = await kv.update(LEASE_KEY, self.writer_id.encode(), last=revision)
+                continue
             except nats.js.errors.KeyWrongLastSequenceError:
-                self.fenced = (f"the trainer lease on the delta stream {STREAM_NAMES[DELTAS]} expired or was "
-                               f"taken (this trainer, {self.writer_id}, was paused past {LEASE_TTL_S:.0f} s?): "
-                               "this trainer stops")
-                log.error("%s", self.fenced)
+                pass
             except Exception as exc:  # a transient bus failure: the next beat tries again
                 log.warning("trainer lease refresh failed: %r", exc)
+                continue
+            try:  # it expired (refreshes lost in a failover) and nobody took it: take it again; the
+                # expected last sequence on every publish still refuses us if another writer wrote since
+                revision = await kv.create(LEASE_KEY, self.writer_id.encode())
+                log.warning("trainer lease had expired (refreshes lost to the bus); taken again")
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self.fenced = (f"the trainer lease on the delta stream {STREAM_NAMES[DELTAS]} was taken by another "
+                               f"trainer after it expired (this trainer, {self.writer_id}, was paused or cut off past "
+                               f"{LEASE_TTL_S:.0f} s): this trainer stops")
+                log.error("%s", self.fenced)
+            except Exception as exc:
+                log.warning("trainer lease: taking it again failed: %r", exc)
 
     def append(self, record) -> int:
         if self.fenced:

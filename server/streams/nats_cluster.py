@@ -89,10 +89,12 @@ def _permissions(perms: dict) -> str:
 @dataclass
 class _Node:
     name: str
+    host: str
     client_port: int
     cluster_port: int
     monitor_port: int
     config: Path
+    netns: str | None = None
     process: subprocess.Popen | None = None
 
 
@@ -104,6 +106,10 @@ class NatsCluster:
     nodes: int = 3
     sync_interval: str | None = None  # "always": fsync before every acknowledgement
     max_payload: int = 1 << 20
+    # Separate hosts on one machine (tests of partitions): node i listens on hosts[i] (fixed ports
+    # 4222/6222/8222) inside network namespace netns[i]; default: all on 127.0.0.1, free ports.
+    hosts: list | None = None
+    netns: list | None = None
     passwords: dict = field(default_factory=dict, init=False)
     _nodes: list = field(default_factory=list, init=False)
 
@@ -114,7 +120,7 @@ class NatsCluster:
 
     @property
     def urls(self) -> list[str]:
-        return [f"nats://127.0.0.1:{n.client_port}" for n in self._nodes]
+        return [f"nats://{n.host}:{n.client_port}" for n in self._nodes]
 
     @property
     def url(self) -> str:
@@ -135,8 +141,12 @@ class NatsCluster:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(f"{user}\n{self.passwords[user]}\n")
-        self._nodes = [_Node(f"n{i + 1}", free_port(), free_port(), free_port(), self.root / f"n{i + 1}.conf")
-                       for i in range(self.nodes)]
+        if self.hosts is None:
+            self._nodes = [_Node(f"n{i + 1}", "127.0.0.1", free_port(), free_port(), free_port(),
+                                 self.root / f"n{i + 1}.conf") for i in range(self.nodes)]
+        else:
+            self._nodes = [_Node(f"n{i + 1}", self.hosts[i], 4222, 6222, 8222, self.root / f"n{i + 1}.conf",
+                                 (self.netns or [None] * self.nodes)[i]) for i in range(self.nodes)]
         for node in self._nodes:
             node.config.write_text(self._config(node))
             node.config.chmod(0o600)  # it holds the passwords
@@ -157,11 +167,11 @@ class NatsCluster:
         sync = f"\n  sync_interval: {self.sync_interval}" if self.sync_interval else ""
         cluster = ""
         if self.nodes > 1:
-            routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in self._nodes if n is not node)
-            cluster = (f"cluster {{\n  name: monolith\n  listen: 127.0.0.1:{node.cluster_port}\n"
+            routes = ", ".join(f"nats-route://{n.host}:{n.cluster_port}" for n in self._nodes if n is not node)
+            cluster = (f"cluster {{\n  name: monolith\n  listen: {node.host}:{node.cluster_port}\n"
                        f"  routes: [{routes}]\n}}\n")
-        return (f"server_name: {node.name}\nlisten: 127.0.0.1:{node.client_port}\n"
-                f"http: 127.0.0.1:{node.monitor_port}\nmax_payload: {self.max_payload}\n"
+        return (f"server_name: {node.name}\nlisten: {node.host}:{node.client_port}\n"
+                f"http: {node.host}:{node.monitor_port}\nmax_payload: {self.max_payload}\n"
                 f"jetstream {{\n  store_dir: \"{store}\"\n  max_file_store: 2GB\n  max_memory_store: 256MB{sync}\n}}\n"
                 f"{cluster}"
                 f"accounts {{\n  MONOLITH {{\n    jetstream: enabled\n    users: [\n{users}\n    ]\n  }}\n}}\n")
@@ -170,7 +180,8 @@ class NatsCluster:
         node = self._nodes[index]
         log = open(self.root / f"{node.name}.log", "ab")
         with log:
-            node.process = subprocess.Popen([str(find_nats_server()), "-c", str(node.config)], stdout=log,
+            prefix = ["ip", "netns", "exec", node.netns] if node.netns else []  # which execs nats-server
+            node.process = subprocess.Popen([*prefix, str(find_nats_server()), "-c", str(node.config)], stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
             self.wait_node(index)
@@ -179,7 +190,7 @@ class NatsCluster:
         """Until node ``index`` knows the JetStream meta leader (/jsz; alone: JetStream up)."""
         node = self._nodes[index]
         deadline = time.monotonic() + _START_TIMEOUT_S
-        url = f"http://127.0.0.1:{node.monitor_port}/jsz"
+        url = f"http://{node.host}:{node.monitor_port}/jsz"
         while time.monotonic() < deadline:
             if node.process.poll() is not None:
                 raise RuntimeError(f"nats-server {node.name} exited with code {node.process.returncode}; see "
@@ -194,6 +205,12 @@ class NatsCluster:
             time.sleep(0.1)
         raise RuntimeError(f"nats-server {node.name} not healthy after {_START_TIMEOUT_S:.0f} s:\n"
                            f"{self.log_tail(index)}")
+
+    def jsz(self, index: int) -> dict:
+        """Node ``index``'s own view of its JetStream streams (monitoring endpoint /jsz?streams=true)."""
+        node = self._nodes[index]
+        with urllib.request.urlopen(f"http://{node.host}:{node.monitor_port}/jsz?streams=true", timeout=2) as r:
+            return json.loads(r.read())
 
     def log_tail(self, index: int, lines: int = 20) -> str:
         path = self.root / f"{self._nodes[index].name}.log"

@@ -8,7 +8,7 @@ One long scenario (starting Triton is the expensive part) and one trainer-only t
     retention dropped the early deltas joins from a snapshot; after quiescing, every replica's
     table equals the trainer's serving rows byte for byte, and the dense weights match.
   * a second trainer started while the first runs is fenced; the first keeps writing.
-Network partitions (namespaces) are not covered: see test_partition_is_not_covered.
+Partitions (network namespaces, a node cut off under traffic): tests/e2e/test_partition.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import time
 
 import numpy as np
-import pytest
 
 from loadtest.bus_stack import quiesce_and_compare, served_seq, spawn_bus_stack
 from loadtest.freshness import probe_once
@@ -177,10 +176,3 @@ def test_second_trainer_is_fenced_and_the_first_keeps_writing(tmp_path):
         finally:
             admin.close()
             logs.close()
-
-
-@pytest.mark.skip(reason="not done: the network-namespace partition test (ip netns + veth, a NATS node cut off "
-                  "under traffic, then healed) was not written in the time given to issue 14; the loopback "
-                  "tests above cover node crashes (kill -9), not partitions")
-def test_partition_is_not_covered():
-    pass
