@@ -96,6 +96,11 @@ def read_credentials(path: str | os.PathLike) -> dict:
         raise BusError(f"bus credentials file {path} requires mode 0600 (no access for group or others), "
                        f"got {stat.S_IMODE(mode):04o}")
     if "BEGIN NATS USER JWT" in text:
+        try:
+            import nkeys  # noqa: F401  (nats-py signs the server's nonce with it)
+        except ImportError:
+            raise BusError(f"bus credentials file {path} is a NATS .creds file, which requires the nkeys package "
+                           "(not installed); use a user+password file (two lines) instead") from None
         return {"user_credentials": str(path)}
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) != 2:

@@ -22,8 +22,8 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
                         "default) or NATS JetStream servers, nats://h1:4222,nats://h2:4222,nats://h3:4222 "
                         "(default: $MONOLITH_BUS, else local)")
     parser.add_argument("--bus-credentials", default=None,
-                        help="file with the NATS user's credentials: a .creds file, or two lines 'user' and "
-                        "'password'; mode 0600 (default: $MONOLITH_BUS_CREDENTIALS)")
+                        help="file with the NATS user's credentials: two lines, user and password (or a NATS "
+                        ".creds file, which needs the nkeys package); mode 0600 (default: $MONOLITH_BUS_CREDENTIALS)")
     parser.add_argument("--bus-tls-ca", default=None, help="CA file to verify the NATS servers with (TLS)")
     parser.add_argument("--bus-tls-cert", default=None, help="client certificate for NATS TLS (with --bus-tls-key)")
     parser.add_argument("--bus-tls-key", default=None, help="client key for NATS TLS (with --bus-tls-cert)")

@@ -52,6 +52,12 @@ def test_credentials_file_must_be_private_and_well_formed(tmp_path):
         read_credentials(path)
     with pytest.raises(BusError, match="missing"):
         read_credentials(tmp_path / "missing")
+    path.write_text("-----BEGIN NATS USER JWT-----\nxxx\n------END NATS USER JWT------\n")
+    try:
+        import nkeys  # noqa: F401
+    except ImportError:
+        with pytest.raises(BusError, match="requires the nkeys package"):
+            read_credentials(path)
 
 
 def test_shipped_sample_grants_what_the_test_cluster_grants():
