@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -58,6 +59,7 @@ def _spawn(role: str) -> tuple[str, str]:
     from server.streams.nats_cluster import NatsCluster
 
     cluster = NatsCluster(tempfile.mkdtemp(prefix="monolith-nats-")).start()
+    atexit.register(shutil.rmtree, cluster.root, ignore_errors=True)  # runs after stop (last in, first out)
     atexit.register(cluster.stop)
     admin = JetStreamStreams(cluster.root / "admin", BusConfig(url=cluster.url,
                                                                credentials=str(cluster.credentials("trainer"))))
