@@ -3,8 +3,9 @@
 An action names the request it answers (request_id), the candidate's item FID
 and a label (a click = 1.0, a rating, a watch fraction...). One request may
 carry M actions of one ranking request. The response is sent only after the
-feedback log has the record on disk, so an acknowledged action is never
-lost. Group commit: Triton batches concurrent feedback requests (dynamic
+feedback log has the record durably (fsynced on the local bus; acknowledged
+by JetStream on a NATS bus, see server.streams.jetstream for what that
+guarantees), so an acknowledged action is never lost. Group commit: Triton batches concurrent feedback requests (dynamic
 batching, ragged inputs), the model queues all of a batch's records and
 waits once, and one fsync covers them all.
 """

@@ -12,7 +12,7 @@ server.features).
 
 Concurrency: ``score`` runs on Triton's execute thread. The table's lookups
 are lock-free against its one writer, the updater thread (updater.applier)
-that tails <data_dir>/deltas; the dense module is replaced by one reference
+that tails the delta stream (<data_dir>/deltas, or JetStream: server.streams.open_streams); the dense module is replaced by one reference
 assignment, and ``score`` reads ``self.dense`` once per call, so a batch
 never mixes two dense versions.
 """
