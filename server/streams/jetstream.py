@@ -16,8 +16,10 @@ gave them. The record bytes are those of the local backend (updater.delta, serve
 
 Logs (FEATURES, FEEDBACK). A writer has the segment writer's interface, so the
 BackgroundAppender (group commit, shedding) drives it unchanged: ``append`` buffers, ``sync``
-publishes everything buffered and waits for every acknowledgement, retrying unacknowledged
-messages with the same ``Nats-Msg-Id`` (the stream drops the copy if the first try landed,
+publishes everything buffered, framed (u32 length + record, as many per message as the max
+payload allows: one acknowledgement per group, not per record, keeps the client's event loop
+from competing with the ranker's thread for the GIL per request), and waits for every
+acknowledgement, retrying unacknowledged messages with the same ``Nats-Msg-Id`` (the stream drops the copy if the first try landed,
 within its duplicate window). Each message carries ``Mrt-Crc`` (CRC-32 of the payload). A log
 reader is an ordered consumer of one instance's subject, started at a stream sequence (the
 trainer's checkpoint keeps those per log, as it keeps segment-log indices locally); a message
@@ -63,6 +65,7 @@ import io
 import json
 import logging
 import os
+import struct
 import tarfile
 import threading
 import time
@@ -90,6 +93,7 @@ LEASE_BUCKET = "monolith_lease"  # key-value, entries expire LEASE_TTL_S after t
 LEASE_KEY = "trainer"
 LEASE_TTL_S = 10.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-Sequence
+_FRAME = struct.Struct("<I")
 HEADER_SLACK = 512  # bytes of headers and subject kept free below the server's max payload
 PUBLISH_TIMEOUT_S = 5.0  # one publish's wait for its acknowledgement
 LOG_PUBLISH_BUDGET_S = 10.0  # a log record unacknowledged this long is reported failed (feedback: not acked)
@@ -423,28 +427,61 @@ class JetStreamStreams(Streams):
         self._loop.stop()
 
 
+def frame_records(records: list[bytes]) -> bytes:
+    """One log message's payload: each record as u32 length (little-endian) + bytes."""
+    return b"".join(_FRAME.pack(len(r)) + r for r in records)
+
+
+def unframe_records(data: bytes) -> list[bytes] | None:
+    """Inverse of ``frame_records``; None when the lengths do not add up exactly."""
+    out, at = [], 0
+    while at < len(data):
+        if at + _FRAME.size > len(data):
+            return None
+        (n,) = _FRAME.unpack_from(data, at)
+        at += _FRAME.size
+        if at + n > len(data):
+            return None
+        out.append(data[at:at + n])
+        at += n
+    return out
+
+
 class JetStreamLogWriter:
-    """Publishes one instance's log records (see the module docstring: append buffers, sync publishes)."""
+    """Publishes one instance's log records (see the module docstring: append buffers, sync publishes
+    the buffered records framed into as few messages as the max payload allows)."""
 
     def __init__(self, streams: JetStreamStreams, stream: str, instance: str):
         self._streams, self._subject = streams, streams.subject(stream, instance)
-        self.max_payload_bytes = streams.max_payload - HEADER_SLACK
+        self.max_payload_bytes = streams.max_payload - HEADER_SLACK - _FRAME.size
         self._prefix = f"{instance}.{os.getpid()}.{time.time_ns()}"  # message ids unique across restarts
         self._count = 0
-        self._buffer: list[tuple[str, bytes]] = []
+        self._buffer: list[bytes] = []
 
     def append(self, payload: bytes) -> int:
         if len(payload) > self.max_payload_bytes:
             raise ValueError(f"payload of {len(payload)} bytes exceeds the bus's max payload "
                              f"({self.max_payload_bytes} bytes for a log record)")
-        self._count += 1
-        self._buffer.append((f"{self._prefix}.{self._count}", bytes(payload)))
-        return self._count
+        self._buffer.append(bytes(payload))
+        return len(self._buffer)
 
     def sync(self) -> None:
-        """Publishes the buffered records and returns once JetStream acknowledged every one; raises
+        """Publishes the buffered records and returns once JetStream acknowledged every message; raises
         BusError when some stay unacknowledged for LOG_PUBLISH_BUDGET_S (they may still land)."""
-        batch, self._buffer = self._buffer, []
+        records, self._buffer = self._buffer, []
+        messages, part, size = [], [], 0
+        for record in records:
+            if part and size + _FRAME.size + len(record) > self.max_payload_bytes + _FRAME.size:
+                messages.append(part)
+                part, size = [], 0
+            part.append(record)
+            size += _FRAME.size + len(record)
+        if part:
+            messages.append(part)
+        batch = []
+        for part in messages:
+            self._count += 1
+            batch.append((f"{self._prefix}.{self._count}", frame_records(part)))
         if batch:
             self._streams.run(self._publish(batch), LOG_PUBLISH_BUDGET_S + PUBLISH_TIMEOUT_S + 5)
 
@@ -507,7 +544,9 @@ class _Follower:
 
 class JetStreamLogReader:
     """Reads one log (``instance`` = "<replica>.<instance>") from stream sequence ``start_record``
-    (0: the beginning); ``read`` returns [(stream sequence, payload)], ``next_record`` the next one."""
+    (0: the beginning); ``read`` returns [(stream sequence of its message, record)] for up to
+    ``max_records`` messages (each whole, so a position never falls inside one), ``next_record``
+    the next message's sequence."""
 
     def __init__(self, streams: JetStreamStreams, stream: str, instance: str, start_record: int = 0,
                  remember_ids: int = 100_000):
@@ -532,6 +571,11 @@ class JetStreamLogReader:
                 log.error("%s: message at stream seq %d fails its checksum (Mrt-Crc %s, computed %s): skipped",
                           self.name, seq, headers.get("Mrt-Crc"), _crc(msg.data))
                 continue
+            records = unframe_records(msg.data)
+            if records is None:
+                self.corrupt += 1
+                log.error("%s: message at stream seq %d does not frame whole records: skipped", self.name, seq)
+                continue
             if msg_id is not None:
                 if msg_id in self._seen:
                     self.duplicates += 1
@@ -541,7 +585,7 @@ class JetStreamLogReader:
                 self._seen[msg_id] = None
                 if len(self._seen) > self._remember:
                     self._seen.popitem(last=False)
-            out.append((seq, msg.data))
+            out += [(seq, record) for record in records]
         return out
 
     def close(self) -> None:

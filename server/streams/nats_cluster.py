@@ -212,6 +212,19 @@ class NatsCluster:
         with urllib.request.urlopen(f"http://{node.host}:{node.monitor_port}/jsz?streams=true", timeout=2) as r:
             return json.loads(r.read())
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the running nodes have used (from /proc/<pid>/stat)."""
+        total = 0.0
+        for node in self._nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            try:
+                fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def log_tail(self, index: int, lines: int = 20) -> str:
         path = self.root / f"{self._nodes[index].name}.log"
         try:

@@ -13,7 +13,8 @@ import torch
 
 from server.snapshot import load_latest_snapshot, write_snapshot
 from server.streams import FEEDBACK
-from server.streams.jetstream import DELTA_SUBJECT, BusConfig, BusError, FencedError, JetStreamStreams
+from server.streams.jetstream import (DELTA_SUBJECT, BusConfig, BusError, FencedError, JetStreamStreams,
+                                      frame_records)
 from server.streams.nats_cluster import NatsCluster
 from server.streams.records import FeedbackRecord
 from server.table import EmbeddingTable
@@ -26,7 +27,7 @@ MAX_PAYLOAD = 64 << 10  # small, so that realistic dense records are split into 
 def cluster(tmp_path_factory):
     with NatsCluster(tmp_path_factory.mktemp("nats"), max_payload=MAX_PAYLOAD) as c:
         admin = JetStreamStreams(tmp_path_factory.mktemp("admin"), bus(c, "trainer"))
-        admin.ensure_streams()
+        admin.ensure_streams(duplicate_window_s=1.0)  # short, so a test can replay past it
         admin.close()
         yield c
 
@@ -184,26 +185,29 @@ def test_logs_publish_per_replica_and_skip_corrupt_or_duplicate_messages(streams
     writer = replica.open_writer(FEEDBACK, "feedback_0")
     records = [FeedbackRecord(f"q{i}".encode(), 1.0 + i, 2.0 + i, np.array([i + 1], np.uint64),
                               np.array([1.0], np.float32)) for i in range(20)]
-    for r in records:
-        writer.append(r.encode())
-    writer.sync()  # returns once JetStream acknowledged all 20
+    for half in (records[:10], records[10:]):  # two groups: two messages of 10 records
+        for r in half:
+            writer.append(r.encode())
+        writer.sync()  # returns once JetStream acknowledged them
     with pytest.raises(ValueError, match="max payload"):
         writer.append(b"x" * MAX_PAYLOAD)
     trainer = streams()
     subject = replica.subject(FEEDBACK, "rA.feedback_0")
-    payload = records[0].encode()
+    payload = frame_records([records[0].encode()])
     # Injected through a replica's connection (the trainer may not publish to the logs):
     replica.run(replica.js.publish(subject, payload, headers={"Nats-Msg-Id": "forged", "Mrt-Crc": "deadbeef"}))
-    for _ in range(2):  # a replay past the dedup window looks like this: same id, new stream seq
-        replica.run(replica.js.publish(subject, payload, headers={"Nats-Msg-Id": "again",
-                                                                  "Mrt-Crc": f"{zlib.crc32(payload):08x}"}))
+    for _ in range(2):  # a replay past the stream's dedup window (1 s here): same id, a new stream seq
+        ack = replica.run(replica.js.publish(subject, payload, headers={"Nats-Msg-Id": "again",
+                                                                        "Mrt-Crc": f"{zlib.crc32(payload):08x}"}))
+        assert not ack.duplicate
+        time.sleep(1.2)
     assert "rA.feedback_0" in trainer.instances(FEEDBACK)
     reader = trainer.open_reader(FEEDBACK, "rA.feedback_0")
     got = read_all(reader, 21)
     decoded = [FeedbackRecord.decode(p) for _, p in got]
     assert [d.request_id for d in decoded[:20]] == [r.request_id for r in records]
     assert len(decoded) == 21  # the forged message is skipped; "again" is kept once
-    assert reader.corrupt == 1
+    assert reader.corrupt == 1 and reader.duplicates == 1
     # Resume from a position (what a checkpoint stores): exactly the records after it.
     position = got[9][0] + 1
     reader.close()
