@@ -100,6 +100,7 @@ LOG_PUBLISH_BUDGET_S = 10.0  # a log record unacknowledged this long is reported
 DELTA_PUBLISH_BUDGET_S = 60.0  # the trainer waits out a failover (a reconnect, a leader election) rather than stop
 RETRY_PAUSE_S = 0.25
 PING_INTERVAL_S = 2.0
+STALL_S = 3.0  # a follower silent this long while its stream has more is replaced
 
 
 class _Loop:
@@ -513,21 +514,39 @@ class JetStreamLogWriter:
 
 
 class _Follower:
-    """An ordered push consumer from a stream sequence; messages land in ``queue`` on the loop thread."""
+    """An ordered push consumer from a stream sequence; messages land in ``queue`` on the loop thread.
+    ``stalled`` is the readers' watchdog: the client resets an ordered consumer by itself after missed
+    heartbeats, but a reset attempted during a leader election can fail for good, and then nothing
+    arrives ever again while the stream grows; the reader then starts a new follower."""
 
     def __init__(self, streams: JetStreamStreams, stream: str, subject: str, start_seq: int):
         self._streams = streams
         self.queue: deque = deque()
+        self.last_activity = self._last_check = time.monotonic()
         policy = {"deliver_policy": api.DeliverPolicy.ALL} if start_seq <= 0 else {
             "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE, "config": api.ConsumerConfig(opt_start_seq=start_seq)}
 
         async def on_message(msg):
             self.queue.append(msg)
+            self.last_activity = time.monotonic()
 
         async def subscribe():  # a lost try leaves at most an ephemeral consumer that the server drops
             return await _retrying(lambda: streams.js.subscribe(subject, stream=STREAM_NAMES[stream], cb=on_message,
                                                                 ordered_consumer=True, idle_heartbeat=1.0, **policy))
         self._sub = streams.run(subscribe(), 40.0)
+
+    def stalled(self, behind) -> bool:
+        """True when nothing arrived for STALL_S and ``behind()`` (asked at most every STALL_S) says the
+        stream holds more than was delivered."""
+        now = time.monotonic()
+        if self.queue or now - self.last_activity < STALL_S or now - self._last_check < STALL_S:
+            return False
+        self._last_check = now
+        try:
+            return bool(behind())
+        except Exception as exc:  # the bus unreachable: nothing to conclude yet
+            log.debug("bus: stall check: %r", exc)
+            return False
 
     def take(self, limit: int) -> list:
         out = []
@@ -552,12 +571,24 @@ class JetStreamLogReader:
                  remember_ids: int = 100_000):
         self.name = f"{stream}/{instance}"
         self.next_record = int(start_record)
-        self.corrupt = self.duplicates = 0
+        self.corrupt = self.duplicates = self.refollows = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember_ids
-        self._follower = _Follower(streams, stream, streams.subject(stream, instance), self.next_record)
+        self._streams, self._stream, self._subject = streams, stream, streams.subject(stream, instance)
+        self._follower = _Follower(streams, stream, self._subject, self.next_record)
+
+    def _behind(self) -> bool:
+        last = self._streams.run(_retrying(lambda: self._streams.js._jsm.get_last_msg(
+            STREAM_NAMES[self._stream], self._subject), 5.0), 10.0)
+        return last.seq >= self.next_record
 
     def read(self, max_records: int | None = None) -> list[tuple[int, bytes]]:
+        if self._follower.stalled(self._behind):
+            self.refollows += 1
+            log.warning("%s: no message for %.0f s while the stream has more: following again from stream seq %d",
+                        self.name, STALL_S, self.next_record)
+            self._follower.close()
+            self._follower = _Follower(self._streams, self._stream, self._subject, self.next_record)
         out = []
         for msg in self._follower.take(max_records or 1 << 30):
             seq = msg.metadata.sequence.stream
@@ -753,6 +784,7 @@ class JetStreamDeltaReader:
             self._error = DeltaError(f"delta stream {STREAM_NAMES[DELTAS]} starts at seq {first}, after seq "
                                      f"{after_seq + 1} that this server needs next (retention dropped it): "
                                      "a newer snapshot is required")
+        self._streams, self.refollows = streams, 0
         self._follower = _Follower(streams, DELTAS, DELTA_SUBJECT, position)
 
     def read(self, max_records: int | None = None):
@@ -760,6 +792,14 @@ class JetStreamDeltaReader:
 
         if self._error is not None:
             raise self._error
+        if self._follower.stalled(lambda: self._streams.delta_head()[0] > self.last_seq):
+            self.refollows += 1
+            position, _ = self._streams.run(self._streams._position(self.last_seq + 1))
+            log.warning("delta stream: no message for %.0f s while the stream has more: following again from "
+                        "seq %d (stream seq %d)", STALL_S, self.last_seq + 1, position)
+            self._follower.close()
+            self._parts = []  # the record's parts come again from its first
+            self._follower = _Follower(self._streams, DELTAS, DELTA_SUBJECT, position)
         out = []
         limit = max_records or 1 << 30
         while len(out) < limit and self._follower.queue:
