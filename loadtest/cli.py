@@ -65,6 +65,10 @@ def add_commands(commands, bench) -> None:
     latency.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     latency.add_argument("--json", action="store_true", help="print one JSON object")
     latency.add_argument("--report", default=None, help="write latency.json and latency.png here")
+    latency.add_argument("--bus", choices=("local", "nats"), default="local",
+                         help="nats: spawn a server on the local bus and a replica on a 3-node NATS JetStream "
+                         "cluster (same snapshot) and alternate the load between them; reports both and the p99 "
+                         "ratio (about 1.5 minutes at --duration-s 30; ignores --url/--spawn) (default local)")
     add_api_key_option(latency)
     latency.set_defaults(run=_run_latency)
 
@@ -91,6 +95,11 @@ def add_commands(commands, bench) -> None:
     fresh.add_argument("--sync-interval-ms", type=float, default=200.0,
                        help="the spawned trainer's sync interval (default 200)")
     fresh.add_argument("--json", action="store_true", help="print one JSON object")
+    fresh.add_argument("--bus", choices=("local", "nats"), default="local",
+                       help="nats: spawn a 3-node NATS JetStream cluster, --replicas servers and the trainer; probes "
+                       "alternate replicas; then the replicas' tables are compared with the trainer's "
+                       "(replicas_identical). About 1 minute for 2 replicas and 20 probes here (default local)")
+    fresh.add_argument("--replicas", type=positive_int, default=2, help="servers with --bus nats (default 2)")
     add_api_key_option(fresh)
     fresh.set_defaults(run=_run_freshness)
 
@@ -188,6 +197,14 @@ def _run_bench_batching(args: argparse.Namespace) -> int:
 def _run_freshness(args: argparse.Namespace) -> int:
     from loadtest.freshness import run_freshness
 
+    if args.bus == "nats":
+        from loadtest.bus_loadtests import run_bus_freshness
+
+        result = run_bus_freshness(args.replicas, args.probes, args.timeout_s, args.sync_interval_ms, schema())
+        emit(result, args.json, lambda r: f"freshness over {r['probes']} probes on {r['replicas']} replicas: p50 "
+             f"{r['p50_s']} s, p99 {r['p99_s']} s, max {r['max_s']} s, failed {r['failed']}; replicas identical "
+             f"after quiescing: {r['replicas_identical']}")
+        return 0 if result["failed"] == 0 and result["replicas_identical"] else 1
     result = run_freshness(args.url, args.protocol, args.probes, args.timeout_s, args.sync_interval_ms, schema(),
                            api_key=api_key(args))
     emit(result, args.json, lambda r: f"freshness over {r['probes']} probes (sync interval "
@@ -221,6 +238,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_latency(args: argparse.Namespace) -> int:
     from loadtest.latency import LatencyConfig, format_report, run_latency, write_report
 
+    if args.bus == "nats":
+        from loadtest.bus_loadtests import format_bus_latency, run_bus_latency
+
+        result = run_bus_latency(schema(), args.concurrency, args.rate, args.duration_s, args.warmup_s, args.rounds,
+                                 args.candidates, args.seed, args.protocol)
+        emit(result, args.json, format_bus_latency)
+        return 0
     if args.url is None and not args.spawn:
         print("monolith-rt loadtest latency: give --url HOST:PORT or --spawn", file=sys.stderr)
         return 2

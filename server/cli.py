@@ -20,6 +20,8 @@ from typing import Callable
 
 import orjson
 
+from server.streams.bus_options import add_bus_options
+
 COMMAND_MODULES = ("trainer.cli", "updater.cli", "loadtest.cli")
 
 
@@ -81,10 +83,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from server.front import ApiKeyError, FrontLimits, api_key_file_from
     from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonStartError
+    from server.streams.bus_options import configure_bus
     from server.supervisor import RestartPolicy, ServeConfig, Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        configure_bus(args, "replica")  # the models find it in the environment
         config = ServeConfig(
             data_dir=args.data_dir, model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY,
             host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -154,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tritonserver binary (default: the nvidia-pytriton wheel's, else PATH)")
     serve.add_argument("--startup-timeout-s", type=float, default=120.0,
                        help="seconds to wait for readiness before giving up (default 120)")
+    add_bus_options(serve)
     serve.set_defaults(run=_run_serve)
 
     bench = commands.add_parser("bench", help="micro-benchmarks, each against its baseline in the same run")

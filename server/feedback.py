@@ -3,8 +3,9 @@
 An action names the request it answers (request_id), the candidate's item FID
 and a label (a click = 1.0, a rating, a watch fraction...). One request may
 carry M actions of one ranking request. The response is sent only after the
-feedback log has the record on disk, so an acknowledged action is never
-lost. Group commit: Triton batches concurrent feedback requests (dynamic
+feedback log has the record durably (fsynced on the local bus; acknowledged
+by JetStream on a NATS bus, see server.streams.jetstream for what that
+guarantees), so an acknowledged action is never lost. Group commit: Triton batches concurrent feedback requests (dynamic
 batching, ragged inputs), the model queues all of a batch's records and
 waits once, and one fsync covers them all.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from server.features import PAD_FID
 from server.ranker import RequestError, _expect, parse_request_id, parse_time
 from server.streams.records import FeedbackRecord
-from server.streams import FEEDBACK, BackgroundAppender, Streams, segment_bytes_from_env
+from server.streams import FEEDBACK, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.table import EMPTY_KEY
 
 MAX_ACTIONS = 1024
@@ -44,8 +45,8 @@ def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float
 
 class FeedbackRuntime:
     def __init__(self, data_dir: str | Path, instance: str):
-        writer = Streams(data_dir).open_writer(FEEDBACK, instance, fsync="batch",
-                                  segment_bytes=segment_bytes_from_env())
+        self.streams = open_streams(data_dir)  # the bus: local files or JetStream
+        writer = self.streams.open_writer(FEEDBACK, instance, fsync="batch", segment_bytes=segment_bytes_from_env())
         self.log = BackgroundAppender(writer, max_queue=FEEDBACK_LOG_QUEUE, name=f"feedback-log-{instance}")
         self.rejected = 0
 
@@ -61,3 +62,4 @@ class FeedbackRuntime:
 
     def close(self) -> None:
         self.log.close()
+        self.streams.close()

@@ -12,7 +12,7 @@ server.features).
 
 Concurrency: ``score`` runs on Triton's execute thread. The table's lookups
 are lock-free against its one writer, the updater thread (updater.applier)
-that tails <data_dir>/deltas; the dense module is replaced by one reference
+that tails the delta stream (<data_dir>/deltas, or JetStream: server.streams.open_streams); the dense module is replaced by one reference
 assignment, and ``score`` reads ``self.dense`` once per call, so a batch
 never mixes two dense versions.
 """
@@ -35,7 +35,7 @@ import torch
 from server.dense import build_dense
 from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
 from server.scoring import DeepFMScorer
-from server.streams import DELTAS, FEATURES, BackgroundAppender, Streams, segment_bytes_from_env
+from server.streams import FEATURES, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.streams.records import FeatureRecord
 from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EMPTY_KEY, EmbeddingTable
@@ -171,9 +171,10 @@ class RankerRuntime:
     def __init__(self, schema: FeatureSchema, data_dir: str | Path, instance: str, apply_deltas: bool = True):
         self.schema = schema
         self.data_dir = Path(data_dir)
+        self.streams = open_streams(self.data_dir)  # the bus: local files or JetStream
+        self._fetch_snapshot()
         self._load_state()
-        writer = Streams(self.data_dir).open_writer(FEATURES, instance, fsync="batch",
-                                                    segment_bytes=segment_bytes_from_env())
+        writer = self.streams.open_writer(FEATURES, instance, fsync="batch", segment_bytes=segment_bytes_from_env())
         self.feature_log = BackgroundAppender(writer, max_queue=FEATURE_LOG_QUEUE, name=f"feature-log-{instance}",
                                               linger_s=FEATURE_LOG_LINGER_S)
         self.rejected: Counter[str] = Counter()
@@ -207,13 +208,22 @@ class RankerRuntime:
                                     f"delta_seq {self.delta_seq}")
         self.dense = dense
 
+    def _fetch_snapshot(self) -> None:
+        """A newer snapshot from the bus into the data directory, if there is one (a replica that
+        starts, or fell behind the delta stream's retention); a failure is logged, not fatal."""
+        try:
+            self.streams.fetch_snapshot()
+        except Exception as exc:
+            log.error("fetching the newest snapshot from the bus failed: %r", exc)
+
+    def _newest_snapshot(self):
+        self._fetch_snapshot()
+        return load_latest_snapshot(self.data_dir)
+
     def _make_updater(self):
         from updater.applier import DeltaApplier
-        from updater.stream import FileDeltaReader
 
-        deltas = Streams(self.data_dir).path(DELTAS)
-        return DeltaApplier(self, lambda after_seq: FileDeltaReader(deltas, after_seq),
-                            load_snapshot=lambda: load_latest_snapshot(self.data_dir))
+        return DeltaApplier(self, self.streams.open_delta_reader, load_snapshot=self._newest_snapshot)
 
     def _start_updater(self) -> None:
         self.updater.catch_up()  # before Triton calls us ready
@@ -280,6 +290,7 @@ class RankerRuntime:
         if self.updater is not None:
             self.updater.stop()
         self.feature_log.close()
+        self.streams.close()
         if snapshot and self.delta_seq > self._snapshot_seq and not any(
             p.name == f"{self.delta_seq:020d}" for p in list_snapshots(self.data_dir)
         ):

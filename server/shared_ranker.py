@@ -256,6 +256,7 @@ class SharedRankerRuntime(RankerRuntime):
         if self.updater is not None:
             self.updater.stop()
         self.feature_log.close()
+        self.streams.close()
         written = None
         setup = _Lock(self.data_dir / "shared-table.lock", fcntl.LOCK_EX)
         try:

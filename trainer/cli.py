@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from server.cli import emit, key_values, positive_int, schema
+from server.streams.bus_options import add_bus_options
 
 _DATASETS = ("ml-100k", "ml-1m")  # trainer.data.DATASETS, without importing numpy at parse time
 
@@ -34,7 +35,10 @@ def add_commands(commands, bench) -> None:
         "online", help="train continuously from the server's logs and emit deltas",
         description="Joins the ranker's feature log with the feedback log, trains on micro-batches, and emits "
         "the touched rows as sparse deltas every sync interval (dense weights every dense interval). Resumes "
-        "from its last checkpoint; SIGINT/SIGTERM writes a snapshot and a checkpoint, then exits.")
+        "from its last checkpoint; SIGINT/SIGTERM writes a snapshot and a checkpoint, then exits. With --bus "
+        "nats://..., the logs come from every replica and the deltas and snapshots go to JetStream; if another "
+        "trainer holds the delta stream's lease (or writes to it), this one does not start (or stops at once) and exits "
+        "4, saying why.")
     online.add_argument("--data-dir", default="data", help="data directory shared with the server (default ./data)")
     online.add_argument("--sync-interval-ms", type=float, default=200.0,
                         help="sparse delta interval, 50 ms to 24 h (default 200)")
@@ -58,6 +62,7 @@ def add_commands(commands, bench) -> None:
     online.add_argument("--no-guard", action="store_true",
                         help="turn the quality guard off (trainer.guard: holds or rolls back updates that make "
                         "served scores worse); operator hold/resume/rollback still work")
+    add_bus_options(online)
     online.set_defaults(run=_run_online)
 
     experiment = commands.add_parser(
@@ -120,24 +125,35 @@ def _run_online(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    stop = threading.Event()  # before the slow imports and the start: a stop meanwhile still ends cleanly
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    from server.streams.bus_options import configure_bus
+    from server.streams.bus import FencedError
     from trainer.online import OnlineConfig, OnlineTrainer, configure_torch
 
     configure_torch()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_bus(args, "trainer")
     config = OnlineConfig(sync_interval_s=args.sync_interval_ms / 1000, dense_interval_s=args.dense_interval_s,
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
                           lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s,
                           log_retention_s=args.log_retention_s, guard=not args.no_guard)
-    trainer = OnlineTrainer(schema(), args.data_dir, config)
+    try:
+        trainer = OnlineTrainer(schema(), args.data_dir, config)
+    except FencedError as exc:
+        print(f"online trainer not started: {exc}", file=sys.stderr, flush=True)
+        return 4
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         trainer.run(stop, max_seconds=args.max_seconds)
     finally:
         trainer.close()
+    if trainer.fenced:
+        print(f"online trainer stopped: {trainer.fenced}", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

@@ -337,7 +337,15 @@ class Guard:
 def roll_back(model: TrainerModel, writer, data_dir, schema: FeatureSchema, to_seq: int, now: float) -> RestorePlan:
     """Appends records restoring the state at ``to_seq`` (rows touched since the last emission included,
     so nothing held goes out afterwards) and puts the trainer's own rows and dense weights back to it.
-    Raises updater.rollback.RollbackRangeError when to_seq is no longer retained."""
+    Raises updater.rollback.RollbackRangeError when to_seq is no longer retained, or when the delta
+    stream is not the local one (the state at to_seq is rebuilt from local snapshots and segments)."""
+    from updater.rollback import RollbackRangeError
+    from updater.stream import FileDeltaWriter
+
+    if not isinstance(writer, FileDeltaWriter):
+        raise RollbackRangeError(f"rollbacks rebuild the state at a seq from the local delta stream and snapshots; "
+                                 f"this trainer writes {type(writer).__name__} (the JetStream bus), where they "
+                                 f"are not supported yet: hold emission and restart serving from a snapshot")
     pending = model.take_delta(writer.next_seq)  # held or not yet synced: restored, never emitted as they are
     extra = () if pending is None else np.concatenate([pending.fids, pending.evicted])
     plan = plan_rollback(data_dir, to_seq, schema, extra)

@@ -67,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from server.streams.records import FeatureRecord, FeedbackRecord
-from server.streams import FEATURES, FEEDBACK, SegmentLogReader, Streams
+from server.streams import FEATURES, FEEDBACK, SegmentLogReader, Streams, open_streams
 
 
 @dataclass
@@ -116,12 +116,13 @@ _FEATURE, _FEEDBACK = FEATURES, FEEDBACK
 
 class Joiner:
     def __init__(self, data_dir: str | Path, window_s: float = 30.0, negative_rate: float = 0.1, seed: int = 0,
-                 max_records: int = MAX_RECORDS_PER_POLL):
+                 max_records: int = MAX_RECORDS_PER_POLL, streams: Streams | None = None):
         if window_s <= 0 or not 0 <= negative_rate <= 1 or max_records < 1:
             raise ValueError(f"requires window_s > 0, 0 <= negative_rate <= 1 and max_records >= 1, got "
                              f"{window_s}, {negative_rate}, {max_records}")
         self.data_dir = Path(data_dir)
-        self._streams = Streams(data_dir)
+        self._own_streams = streams is None
+        self._streams = open_streams(data_dir) if streams is None else streams  # the bus: files or JetStream
         self.window_s = window_s
         self.negative_rate = negative_rate
         self.max_records = max_records
@@ -308,3 +309,5 @@ class Joiner:
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
+        if self._own_streams:
+            self._streams.close()

@@ -28,6 +28,12 @@ and snapshots wait; training goes on without quarantined sources) and
 appends rollback records; the operator's ``monolith-rt deltas
 hold|resume|rollback`` reach it through <data_dir>/guard/control.json,
 polled every 0.5 s.
+
+Bus: the streams come from ``open_streams`` (local files or JetStream). On
+JetStream a second trainer (or a zombie of this one) makes the delta
+stream refuse this one's next publish (server.streams.jetstream): ``run``
+then stops at once, writes nothing more (no snapshot, no checkpoint) and
+sets ``fenced`` to the reason.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ import torch
 
 from server.features import FeatureSchema
 from server.snapshot import prune_snapshots, write_snapshot
-from server.streams import DELTAS, Streams, segment_bytes_from_env
+from server.streams import Streams, open_streams, segment_bytes_from_env
+from server.streams.bus import FencedError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.guard import GuardConfig, TrainerGuard
@@ -53,7 +60,7 @@ from trainer.joiner import Joiner
 from trainer.model import TrainerModel, auc
 from trainer.retention import apply_retention
 from updater.delta import DENSE, DeltaRecord
-from updater.stream import FileDeltaReader, FileDeltaWriter
+from updater.stream import DeltaWriter
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +98,13 @@ class OnlineConfig:
             raise ValueError(f"log_retention_s requires >= 0, got {self.log_retention_s}")
 
 
-def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner: Joiner | None,
-            counters: dict | None = None, log_retention_s: float | None = None) -> int:
+def publish(data_dir: Path, model: TrainerModel, writer: DeltaWriter, joiner: Joiner | None,
+            counters: dict | None = None, log_retention_s: float | None = None, streams: Streams | None = None) -> int:
     """Flushes pending rows as a sparse delta and the dense weights as a dense
     one, then writes a serving snapshot and a trainer checkpoint at that seq,
     so a server started from the snapshot and one that replayed the stream
-    hold the same rows and the same dense weights; then, with
+    hold the same rows and the same dense weights (and ``streams`` publishes the
+    snapshot to other hosts, for a JetStream bus); then, with
     ``log_retention_s``, deletes what no retained snapshot or checkpoint
     needs (trainer.retention). Returns the seq."""
     record = model.take_delta(writer.next_seq)
@@ -104,15 +112,22 @@ def publish(data_dir: Path, model: TrainerModel, writer: FileDeltaWriter, joiner
         writer.append(record)
     writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
     seq = writer.next_seq - 1
-    write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
+    path = write_snapshot(data_dir, model.serving_table(), model.dense_state(), seq)
+    published = True
+    if streams is not None:
+        try:
+            streams.publish_snapshot(path, seq)
+        except Exception as exc:  # servers still follow the stream; the next snapshot tries again
+            log.error("publishing snapshot %s to the bus failed: %r; no retention this time", path, exc)
+            published = False
     prune_snapshots(data_dir, keep=2)
     save_checkpoint(data_dir, model, joiner, seq, counters=counters)
-    if log_retention_s is not None:
+    if log_retention_s is not None and published:  # never drop deltas that no shared snapshot covers
         apply_retention(data_dir, writer, log_retention_s)
     return seq
 
 
-def reconcile(model: TrainerModel, writer: FileDeltaWriter, directory: Path, checkpoint_seq: int) -> str | None:
+def reconcile(model: TrainerModel, writer: DeltaWriter, streams: Streams, checkpoint_seq: int) -> str | None:
     """Makes the stream agree with a trainer restored at ``checkpoint_seq``.
 
     After a kill the stream may hold records past the checkpoint (S+1..S+k,
@@ -126,14 +141,14 @@ def reconcile(model: TrainerModel, writer: FileDeltaWriter, directory: Path, che
     stream ends before it: records a server may need were lost."""
     last = writer.next_seq - 1
     if last < checkpoint_seq:
-        raise ValueError(f"delta stream {directory} ends at seq {last}, behind the trainer checkpoint at seq "
+        raise ValueError(f"the delta stream ends at seq {last}, behind the trainer checkpoint at seq "
                          f"{checkpoint_seq}: records that servers may need are lost; requires the stream the "
                          f"checkpoint was taken with (restore it, or move the checkpoints in "
-                         f"{directory.parent / 'trainer'} away to start training afresh)")
+                         f"{streams.data_dir / 'trainer'} away to start training afresh)")
     if last == checkpoint_seq:
         return None
     written, dense = [], False
-    reader = FileDeltaReader(directory, after_seq=checkpoint_seq)
+    reader = streams.open_delta_reader(checkpoint_seq)
     try:
         while records := reader.read(max_records=256):
             for record in records:
@@ -177,8 +192,13 @@ def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train
     elapsed = time.perf_counter() - started
     tail = examples.slice(split, len(examples))
     holdout_auc = auc(tail.labels, model.predict(tail.user_fids, tail.item_fids)) if len(tail) else float("nan")
-    with FileDeltaWriter(Streams(data_dir).path(DELTAS)) as writer:
-        seq = publish(Path(data_dir), model, writer, joiner=None)
+    streams = open_streams(data_dir)
+    writer = streams.open_delta_writer()
+    try:
+        seq = publish(Path(data_dir), model, writer, joiner=None, streams=streams)
+    finally:
+        writer.close()
+        streams.close()
     result = {"examples": split, "examples_per_s": round(split / elapsed, 1),
               "loss": round(float(np.mean(losses[-50:])), 4), "holdout_examples": len(tail),
               "holdout_auc": round(holdout_auc, 4), "rows": len(model.table), "delta_seq": seq}
@@ -191,15 +211,19 @@ class OnlineTrainer:
         self.data_dir = Path(data_dir)
         self.config = config or OnlineConfig()
         self.model = TrainerModel(schema, **model_args)
-        self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate)
+        self.streams = open_streams(self.data_dir)  # the bus: local files or JetStream
+        self.fenced: str | None = None
+        self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate, streams=self.streams)
         meta = load_checkpoint(self.data_dir, self.model, self.joiner)
         self.model.set_learning_rates(sparse=self.config.lr_sparse, dense=self.config.lr_dense)
-        deltas = Streams(self.data_dir).path(DELTAS)
-        self.writer = FileDeltaWriter(deltas, segment_bytes=segment_bytes_from_env())
+        # Logs outlive what a checkpoint may need: two snapshot intervals at least (see the README).
+        self.streams.ensure_streams(log_max_age_s=max(self.config.log_retention_s,
+                                                      2 * self.config.snapshot_interval_s))
+        self.writer = self.streams.open_delta_writer(segment_bytes=segment_bytes_from_env())
         self.start_message = (f"resumed from trainer checkpoint at delta_seq {meta['delta_seq']}" if meta
                               else "no trainer checkpoint: starting from fresh weights")
         try:
-            reconciled = reconcile(self.model, self.writer, deltas, meta["delta_seq"] if meta else 0)
+            reconciled = reconcile(self.model, self.writer, self.streams, meta["delta_seq"] if meta else 0)
         except BaseException:
             self.close()
             raise
@@ -270,9 +294,13 @@ class OnlineTrainer:
                     stop.wait(cfg.poll_interval_s)
             if waiting:
                 self._train(waiting)
+        except FencedError as exc:  # another trainer writes the delta stream now: write nothing more
+            self.fenced = str(exc)
+            log.error("%s", exc)
         finally:
-            seq = self.publish()
-            log.info("trainer stopped: snapshot and checkpoint at delta_seq %d", seq)
+            if self.fenced is None:
+                seq = self.publish()
+                log.info("trainer stopped: snapshot and checkpoint at delta_seq %d", seq)
 
     def counters(self) -> dict:
         j = self.joiner
@@ -288,7 +316,7 @@ class OnlineTrainer:
             return self.writer.next_seq - 1
         self.guard.needs_checkpoint = False
         return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters(),
-                       log_retention_s=self.config.log_retention_s)
+                       log_retention_s=self.config.log_retention_s, streams=self.streams)
 
     def _train(self, waiting: list) -> None:
         user, items, labels, times, rates, served, seqs = (np.concatenate(parts) for parts in zip(*waiting))
@@ -342,6 +370,7 @@ class OnlineTrainer:
     def close(self) -> None:
         self.joiner.close()
         self.writer.close()
+        self.streams.close()
 
 
 def configure_torch() -> None:

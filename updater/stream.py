@@ -1,8 +1,9 @@
 """Delta streams: where the trainer appends delta records and servers tail them.
 
-One small interface, two planned transports carrying the same record bytes:
-the embedded default, a durable segment log on local disk (the trainer is
-co-located), and later NATS JetStream for replicas past one machine.
+One small interface, two transports carrying the same record bytes: the
+embedded default, a durable segment log on local disk (the trainer is
+co-located; this module), and NATS JetStream for replicas past one machine
+(server.streams.jetstream). ``Streams.open_delta_writer/reader`` give either.
 
 Sequence numbers: delta ``seq`` n is stored as log record n - 1, so resuming
 "after seq S" starts at log record S, and a record whose seq disagrees with

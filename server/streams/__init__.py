@@ -14,8 +14,12 @@ segment logs (server.streams.log) in one data directory::
     <data_dir>/snapshots/<seq>/          SNAPSHOTS  serving snapshots (server.snapshot)
     <data_dir>/trainer/<seq>/            CHECKPOINTS trainer checkpoints (trainer.checkpoint)
 
-Record bytes are the same whatever the backend, so a JetStream backend can
-sit beside this one behind the same names.
+Record bytes are the same whatever the backend. ``open_streams`` picks the
+backend from the bus configuration (``--bus``, carried to Triton's model
+processes in the environment: server.streams.jetstream.BusConfig): this one
+for ``local``, ``JetStreamStreams`` (server.streams.jetstream) for NATS; both
+answer the same methods, so the ranker, the feedback model, the updater and
+the trainer never ask which one they have.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from server.streams.segments import delete_sealed_segments, segment_bytes_from_e
 
 __all__ = ["CHECKPOINTS", "DELTAS", "FEATURES", "FEEDBACK", "LOGS", "SNAPSHOTS", "BackgroundAppender",
            "FeatureRecord", "FeedbackRecord", "LogCorruptError", "Position", "SegmentLogReader", "SegmentLogWriter",
-           "Streams", "delete_sealed_segments", "segment_bytes_from_env"]
+           "Streams", "delete_sealed_segments", "open_streams", "segment_bytes_from_env"]
 
 FEATURES = "feature_log"
 FEEDBACK = "feedback_log"
@@ -42,6 +46,9 @@ _STREAMS = (FEATURES, FEEDBACK, DELTAS, SNAPSHOTS, CHECKPOINTS)
 
 class Streams:
     """Where each stream of one data directory lives (the local, segment-file backend)."""
+
+    replica = "local"  # this host's name on the bus
+    reconnects = 0  # times the connection to the bus was re-established
 
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
@@ -68,3 +75,47 @@ class Streams:
 
     def open_reader(self, stream: str, instance: str | None = None, **options) -> SegmentLogReader:
         return SegmentLogReader(self.path(stream, instance), **options)
+
+    # The bus interface beside the directories (JetStreamStreams answers the same).
+
+    def open_delta_writer(self, **options):
+        """The delta stream's writer (updater.stream.DeltaWriter; ``options`` of FileDeltaWriter)."""
+        from updater.stream import FileDeltaWriter
+
+        return FileDeltaWriter(self.path(DELTAS), **options)
+
+    def open_delta_reader(self, after_seq: int = 0):
+        """A reader of the delta stream after delta seq ``after_seq`` (updater.stream.DeltaReader)."""
+        from updater.stream import FileDeltaReader
+
+        return FileDeltaReader(self.path(DELTAS), after_seq)
+
+    def ensure_streams(self, **options) -> None:
+        """Creates what the streams need where they live: directories appear on first write here."""
+
+    def publish_snapshot(self, directory: Path, seq: int) -> None:
+        """Makes a written snapshot available to other hosts: nothing to do on one host."""
+
+    def fetch_snapshot(self) -> Path | None:
+        """Brings a newer snapshot from other hosts into the data directory: none on one host."""
+        return None
+
+    def delta_lag(self, applied_seq: int) -> tuple[int, float] | None:
+        """(records behind the stream head, seconds behind it); None where not tracked (local)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def open_streams(data_dir: str | Path, bus=None) -> Streams:
+    """The streams of ``data_dir`` on the configured bus (``bus``: a BusConfig; default: from the
+    environment, ``local`` when unset)."""
+    from server.streams.bus import BusConfig
+
+    bus = BusConfig.from_env() if bus is None else bus
+    if bus.local:
+        return Streams(data_dir)
+    from server.streams.jetstream import JetStreamStreams  # the NATS client, only when it is used
+
+    return JetStreamStreams(data_dir, bus)

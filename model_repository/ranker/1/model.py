@@ -59,9 +59,15 @@ class TritonPythonModel:
         self.m_halts = triton.Counter("monolith_delta_updater_halts_total", "Updater halts (each retried)", **labels)
         self.m_reloads = triton.Counter("monolith_delta_snapshot_reloads_total",
                                         "Snapshots the updater loaded to get past a halt", **labels)
+        replica = {**labels, "replica": self.runtime.streams.replica}
+        self.m_bus_lag = triton.Gauge("monolith_bus_lag_records", "Delta records behind the stream head", **replica)
+        self.m_bus_lag_s = triton.Gauge("monolith_bus_lag_seconds",
+                                        "Seconds the oldest unapplied delta record has waited (0: caught up)", **replica)
+        self.m_bus_reconnects = triton.Counter("monolith_bus_reconnects_total", "Reconnections to the bus", **replica)
         self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S, metrics=(
             self.m_rows, self.m_seq, self.m_scored, self.m_log_written, self.m_log_queued, self.m_log_shed,
-            self.m_rejected, self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts, self.m_reloads))
+            self.m_rejected, self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts,
+            self.m_reloads, self.m_bus_lag, self.m_bus_lag_s, self.m_bus_reconnects))
         self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
         # The ~250k objects of torch, numba and the runtime never die: keep them out of the
         # collector's full passes (one took 0.22 s on this 2-core machine, on some caller's request).
@@ -112,6 +118,15 @@ class TritonPythonModel:
         self.m_halted.set(1 if updater.halted else 0)
         self.m_halts.update(updater.halts)
         self.m_reloads.update(updater.snapshot_reloads)
+        self.m_bus_reconnects.update(runtime.streams.reconnects)
+        try:
+            lag = runtime.streams.delta_lag(runtime.delta_seq)
+        except Exception as exc:  # the bus unreachable for now: keep the last figures
+            pb_utils.Logger.log_warn(f"ranker: bus lag unknown: {exc!r}")
+            lag = None
+        if lag is not None:
+            self.m_bus_lag.set(lag[0])
+            self.m_bus_lag_s.set(lag[1])
 
     def finalize(self):
         self._parent_watch.stop()
