@@ -69,6 +69,14 @@ def _run_bench_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_scoring(args: argparse.Namespace) -> int:
+    from server.scoring_bench import bench_scoring, format_scoring_report
+
+    emit(bench_scoring(schema(), requests=args.requests, candidates=args.candidates, calls=args.calls,
+                       seed=args.seed, busy_cores=args.busy_cores), args.json, format_scoring_report)
+    return 0
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -175,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     table.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     table.set_defaults(run=_run_bench_table)
+    scoring = bench.add_parser(
+        "scoring", help="the ranker's serving forward vs numpy pooling + the torch DeepFM",
+        description="Times server.scoring.DeepFMScorer (pooling, FM, DeepFM, sigmoid for R requests of N "
+        "candidates) against the same probabilities computed with numpy pooling and the torch module, one "
+        "thread each, in the same run (a few seconds).")
+    scoring.add_argument("--requests", type=positive_int, default=1, help="requests per call R (default 1)")
+    scoring.add_argument("--candidates", type=positive_int, default=100, help="candidates per request N (default 100)")
+    scoring.add_argument("--calls", type=positive_int, default=200, help="calls per timed repeat (default 200)")
+    scoring.add_argument("--busy-cores", type=int, default=0,
+                         help="processes spinning on the CPU during the timing, as a serving host's other work "
+                         "(default 0; the machine's core count shows what two BLAS threads cost there)")
+    scoring.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    scoring.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    scoring.set_defaults(run=_run_bench_scoring)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(commands, bench)

@@ -307,8 +307,8 @@ def limit_compute_threads(value: str) -> int:
     1 is right for serving: a request's matrices are small (100 x 48 @ 48 x 64),
     OpenBLAS splits products past 2^18 multiply-adds over its threads, and on a
     busy host those threads wait for cores that Triton, the fronts and the other
-    instances hold (measured: 13 us for that product with 2 threads on an idle
-    2-core machine, 7 us with 1). Instances, not threads, use more cores."""
+    instances hold (`monolith-rt bench scoring --busy-cores 2` times the
+    scorer both ways). Instances, not threads, use more cores."""
     threads = int(value) if value.isdigit() else 0
     if threads < 1:
         raise ValueError(f"parameter compute_threads requires an integer >= 1, got {value!r}")

@@ -6,7 +6,7 @@ import torch
 
 from server.features import PAD_FID, shipped_schema
 from server.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, parse_rank_request
-from tests.server.test_scoring import reference_pool
+from server.scoring_bench import reference_pool
 
 SCHEMA = shipped_schema()
 

@@ -1,42 +1,19 @@
 """DeepFMScorer: the fused serving forward agrees with pooling + the torch DeepFM it copies."""
 
-import copy
-
 import numpy as np
+import orjson
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.cli import main
 from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
 from server.scoring import DeepFMScorer
+from server.scoring_bench import reference_probs
 
 SCHEMA = shipped_schema()
-
-
-def reference_pool(rows, fids, slots):
-    """Per slot: the sum (or mean) of the rows of its non-PAD columns; rows [N, W, K], fids [N, W]."""
-    out, col = [], 0
-    for s in slots:
-        block, present = rows[:, col : col + s.max_values], fids[:, col : col + s.max_values] != PAD_FID
-        total = (block * present[..., None]).sum(axis=1)
-        if s.pooling == "mean":
-            total /= np.maximum(present.sum(axis=1), 1)[:, None]
-        out.append(total)
-        col += s.max_values
-    return np.stack(out, axis=1)
-
-
-def reference_probs(module, user_rows, user, item_rows, items, counts, dtype=np.float32):
-    """Pooling and the torch module, in ``dtype`` (float64: the exact reference)."""
-    k = SCHEMA.dim
-    user_fields = reference_pool(user_rows.reshape(*user.shape, k).astype(dtype), user, SCHEMA.user_slots)
-    item_fields = reference_pool(item_rows.reshape(*items.shape, k).astype(dtype), items, SCHEMA.item_slots)
-    fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1).astype(dtype)
-    module = copy.deepcopy(module).to(torch.float64 if dtype == np.float64 else torch.float32)
-    with torch.inference_mode():
-        return torch.sigmoid(module(torch.from_numpy(fields))).numpy()
 
 
 def random_fids(rng, n, width, pad_share):
@@ -58,8 +35,8 @@ def test_scores_match_pooling_and_the_torch_module(seed, counts, hidden, scale, 
     user_rows = (rng.standard_normal((user.size, SCHEMA.dim)) * scale).astype(np.float32)
     item_rows = (rng.standard_normal((items.size, SCHEMA.dim)) * scale).astype(np.float32)
     got = DeepFMScorer(module, SCHEMA)(user_rows, user, item_rows, items, counts)
-    exact = reference_probs(module, user_rows, user, item_rows, items, counts, np.float64)
-    torch_f32 = reference_probs(module, user_rows, user, item_rows, items, counts)
+    exact = reference_probs(module, SCHEMA, user_rows, user, item_rows, items, counts, np.float64)
+    torch_f32 = reference_probs(module, SCHEMA, user_rows, user, item_rows, items, counts)
     assert got.dtype == np.float32 and got.shape == (counts.sum(),)
     # Summation order differs from torch's (the user part is summed apart), so
     # the bound is torch's own float32 rounding error (large at scale 30, where
@@ -81,3 +58,10 @@ def test_counts_must_cover_the_candidates(rng):
     rows = np.zeros((user.size + items.size, SCHEMA.dim), dtype=np.float32)
     with pytest.raises(ValueError, match="counts requires a sum of 3 candidates, got 2"):
         scorer(rows[: user.size], user, rows[user.size :], items, np.array([2]))
+
+
+def test_bench_scoring_prints_both_figures_and_agrees(capsys):
+    assert main(["bench", "scoring", "--requests", "2", "--candidates", "10", "--calls", "2", "--json"]) == 0
+    result = orjson.loads(capsys.readouterr().out)
+    assert {"scorer_us", "scorer_2_blas_threads_us", "torch_us", "speedup", "busy_cores"} <= result.keys()
+    assert result["scorer_us"] > 0 and result["torch_us"] > 0 and result["max_abs_difference"] < 1e-5

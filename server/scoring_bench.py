@@ -1,0 +1,130 @@
+"""``monolith-rt bench scoring``: the serving forward against the torch module it copies.
+
+For R requests of N candidates in the shipped schema's layout (random rows,
+padding as real requests have it), per call, best of several repeats:
+    scorer_us   server.scoring.DeepFMScorer (numba pass + two BLAS products)
+    torch_us    the same probabilities the straightforward way: pooling in
+                numpy, the user fields repeated per candidate, the torch
+                DeepFM (server.dense) under inference_mode, then a sigmoid
+    speedup     torch_us / scorer_us
+    scorer_2_blas_threads_us   the scorer with numpy's BLAS on two threads (OpenBLAS
+                splits products past 2^18 multiply-adds): why the stub pins one
+Both run on one thread (the ranker stub's setting, compute_threads 1), in
+the same run, after a warm-up; inputs are built before any timer starts.
+``busy_cores`` processes spin on the CPU meanwhile, as a serving host's other
+work does (with every core busy, BLAS threads wait for one).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
+
+import numpy as np
+import threadpoolctl
+import torch
+
+from server.dense import build_dense
+from server.features import PAD_FID, FeatureSchema
+from server.scoring import DeepFMScorer
+
+_REPEATS = 7
+
+
+def reference_pool(rows: np.ndarray, fids: np.ndarray, slots) -> np.ndarray:
+    """Per slot, the sum (or mean) of the rows of its non-PAD columns, in numpy:
+    rows [N, W, K], fids [N, W] -> [N, F_side, K]."""
+    out, col = [], 0
+    for s in slots:
+        block, present = rows[:, col : col + s.max_values], fids[:, col : col + s.max_values] != PAD_FID
+        total = (block * present[..., None]).sum(axis=1)
+        if s.pooling == "mean":
+            total /= np.maximum(present.sum(axis=1), 1)[:, None]
+        out.append(total)
+        col += s.max_values
+    return np.stack(out, axis=1)
+
+
+def reference_probs(module, schema: FeatureSchema, user_rows, user, item_rows, items, counts,
+                    dtype=np.float32) -> np.ndarray:
+    """The probabilities DeepFMScorer computes, the straightforward way (in ``dtype``;
+    float64 gives the exact reference the tests bound float32 error against)."""
+    k = schema.dim
+    user_fields = reference_pool(user_rows.reshape(*user.shape, k).astype(dtype), user, schema.user_slots)
+    item_fields = reference_pool(item_rows.reshape(*items.shape, k).astype(dtype), items, schema.item_slots)
+    fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1).astype(dtype)
+    if dtype != np.float32:
+        module = copy.deepcopy(module).to(torch.float64)
+    with torch.inference_mode():
+        return torch.sigmoid(module(torch.from_numpy(fields))).numpy()
+
+
+def _best_us(fn, calls: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(_REPEATS):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+class _BusyCores:
+    """``n`` processes spinning on the CPU while the block runs: the other work of a
+    serving host (Triton, the fronts, other instances) that a stub's threads wait behind."""
+
+    def __init__(self, n: int):
+        self._n, self._procs = n, []
+
+    def __enter__(self):
+        self._procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self._n)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
+
+
+def bench_scoring(schema: FeatureSchema, requests: int = 1, candidates: int = 100, calls: int = 200,
+                  seed: int = 0, busy_cores: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    module = build_dense(schema.num_fields, schema.dim, schema.dense)
+    counts = np.full(requests, candidates, dtype=np.int64)
+    user = rng.integers(1, 2**40, (requests, schema.user_width), dtype=np.uint64)
+    items = rng.integers(1, 2**40, (requests * candidates, schema.item_width), dtype=np.uint64)
+    items[:, schema.item_column_slots == schema.item_column_slots[-1]] = PAD_FID  # the last slot padded, ...
+    items[rng.random(items.shape) < 0.5] = PAD_FID  # ... and half of all columns
+    user_rows = (rng.standard_normal((user.size, schema.dim)) * 0.1).astype(np.float32)
+    item_rows = (rng.standard_normal((items.size, schema.dim)) * 0.1).astype(np.float32)
+    scorer = DeepFMScorer(module, schema)
+    with _BusyCores(busy_cores), threadpoolctl.threadpool_limits(1, user_api="blas"):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            got = scorer(user_rows, user, item_rows, items, counts)
+            expected = reference_probs(module, schema, user_rows, user, item_rows, items, counts)
+            scorer_us = _best_us(lambda: scorer(user_rows, user, item_rows, items, counts), calls)
+            with threadpoolctl.threadpool_limits(2, user_api="blas"):
+                scorer_2_us = _best_us(lambda: scorer(user_rows, user, item_rows, items, counts), calls)
+            torch_us = _best_us(lambda: reference_probs(module, schema, user_rows, user, item_rows, items, counts), calls)
+        finally:
+            torch.set_num_threads(threads)
+    return {"requests": requests, "candidates": candidates, "calls": calls, "repeats": _REPEATS,
+            "busy_cores": busy_cores,
+            "scorer_us": round(scorer_us, 2), "scorer_2_blas_threads_us": round(scorer_2_us, 2),
+            "torch_us": round(torch_us, 2),
+            "speedup": round(torch_us / scorer_us, 2),
+            "max_abs_difference": float(np.abs(got - expected).max())}
+
+
+def format_scoring_report(result: dict) -> str:
+    return (f"scoring: {result['requests']} request(s) x {result['candidates']} candidates, best of "
+            f"{result['repeats']} x {result['calls']} calls, one thread, {result['busy_cores']} busy core(s)\n"
+            f"  DeepFMScorer {result['scorer_us']:.1f} us per call "
+            f"({result['scorer_2_blas_threads_us']:.1f} us with two BLAS threads)\n"
+            f"  baseline: numpy pooling + torch DeepFM {result['torch_us']:.1f} us per call\n"
+            f"  speedup {result['speedup']:.2f}x (max |difference| {result['max_abs_difference']:.2e})")
