@@ -42,9 +42,9 @@ import numpy as np
 
 from loadtest.latency import _request_fids, _requests, _window
 from server.features import FeatureSchema
+from server.launcher import cpu_seconds, processes
 
 _PARTS = ("keys", "rows", "stamps", "versions")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: int) -> None:
@@ -64,8 +64,6 @@ def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: 
 
 
 def _model_stubs(triton_pid: int, model: str) -> list[int]:
-    from server.launcher import processes
-
     stubs = []
     for pid, state, ppid, _ in processes():
         if ppid != triton_pid or state == "Z":
@@ -77,15 +75,6 @@ def _model_stubs(triton_pid: int, model: str) -> list[int]:
         if f"/{model}/1/model.py".encode() in cmdline:
             stubs.append(pid)
     return sorted(stubs)
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 class _CpuSplit:
@@ -102,10 +91,10 @@ class _CpuSplit:
         """Runs ``run_window()`` -> (histogram, ...) and charges the CPU used meanwhile to ``model``."""
         groups = {"model_stubs": self._groups[model], "tritonserver": self._groups["tritonserver"],
                   "client": self._groups["client"]}
-        before = {g: sum(_cpu_s(p) for p in pids) for g, pids in groups.items()}
+        before = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
         result = run_window()
         for g, pids in groups.items():
-            self.seconds[model][g] += sum(_cpu_s(p) for p in pids) - before[g]
+            self.seconds[model][g] += sum(cpu_seconds(p) for p in pids) - before[g]
         self.requests[model] += result[0].summary()["count"]
         return result
 

@@ -31,6 +31,7 @@ from loadtest.histogram import LatencyHistogram
 from loadtest.stack import spawn_stack, wait_trainer_ready
 from server.client import RankerClient
 from server.features import FeatureSchema
+from server.launcher import processes
 
 _SIM_SECONDS_PER_S = 86_400.0
 _IDS_PER_S = 200
@@ -45,12 +46,8 @@ _LOG_RETENTION_S = 10.0
 def tree_rss_bytes(pid: int) -> int:
     """RSS of a process and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
+    for child, _, parent, _ in processes():
+        children.setdefault(parent, []).append(child)
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()

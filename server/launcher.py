@@ -40,6 +40,7 @@ from pathlib import Path
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 _READY_POLL_S = 0.1
 _LOST_STUB_GRACE_S = 5.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,27 @@ def server_environment(data_dir: Path) -> dict[str, str]:
     return env
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, as
+    fields 3.. of proc(5)), or None if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads); 0 if it is gone."""
+    fields = proc_stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 def processes():
     """(pid, state, ppid, pgrp) of every process, from /proc/<pid>/stat."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
-        yield int(entry.name), state, int(ppid), int(pgrp)
+        if entry.name.isdigit() and (fields := proc_stat(int(entry.name))) is not None:
+            yield int(entry.name), fields[0], int(fields[1]), int(fields[2])
 
 
 def group_members(pgid: int) -> list[int]:
@@ -254,17 +265,8 @@ class TritonServer:
         exited since. Triton does not start a stub again: every request to that
         model instance fails ("Stub process ... is not healthy") while the
         server still reports ready."""
-        lost = []
-        for pid in self.stub_pids:
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                lost.append(pid)
-                continue
-            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-            if state in "ZX" or int(ppid) != self.process.pid:
-                lost.append(pid)
-        return lost
+        return [pid for pid in self.stub_pids
+                if (fields := proc_stat(pid)) is None or fields[0] in "ZX" or int(fields[1]) != self.process.pid]
 
     def log_tail(self, lines: int = 25) -> str:
         try:

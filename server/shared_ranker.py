@@ -46,6 +46,7 @@ import threading
 from pathlib import Path
 
 from server.dense import build_dense
+from server.launcher import proc_stat
 from server.ranker import RankerRuntime
 from server.table.cuckoo import SLOTS
 from server.table.shared import SharedEmbeddingTable, shm_directory
@@ -63,11 +64,10 @@ FOLLOW_INTERVAL_S = 0.05  # dense loads are rare; a batch that sees a newer vers
 
 def process_identity(pid: int) -> int | None:
     """A 63-bit id of process ``pid`` (pid + start time: a reused pid differs), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return None
-    start_ticks = stat[stat.rindex(")") + 2:].split()[19]
+    start_ticks = fields[19]
     digest = hashlib.sha256(f"{pid}:{start_ticks}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1 or 1
 

@@ -36,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.launcher import free_port
+from server.launcher import cpu_seconds, free_port
 
 __all__ = ["NatsCluster", "find_nats_server", "REPLICA_PERMISSIONS", "TRAINER_PERMISSIONS"]
 
@@ -218,11 +218,7 @@ class NatsCluster:
         for node in self._nodes:
             if node.process is None or node.process.poll() is not None:
                 continue
-            try:
-                fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += cpu_seconds(node.process.pid)
         return total
 
     def log_tail(self, index: int, lines: int = 20) -> str:
