@@ -2,6 +2,7 @@
 file: nothing is emitted while held, what was held goes out on resume, and the rollback the trainer appends
 puts the stream's state back at S exactly, rows it held included."""
 
+import functools
 import json
 import re
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 
 from server.streams import SegmentLogWriter
+from tests import waiting
 from tests.logs import write_action, write_feature
 from tests.stream_state import stream_state
 from updater.tools import scan
@@ -33,11 +35,7 @@ def deltas_cli(data, *args):
     return done.stdout
 
 
-def wait_until(predicate, what, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+wait_until = functools.partial(waiting.wait_until, timeout_s=30.0, poll_s=0.05)
 
 
 def test_hold_resume_and_rollback_through_a_running_trainer(tmp_path):

@@ -1,5 +1,6 @@
 """Two ranker instances over one shared table, on the real tritonserver."""
 
+import functools
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ from server.instances import repository_with_instances
 from server.launcher import TritonServer, processes
 from server.ranker import RankerRuntime, RankRequest
 from server.table.shared import WRITER_PID, shm_directory
+from tests import waiting
 from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 
@@ -57,11 +59,7 @@ def by_instance(server, name) -> dict[str, float]:
     return out
 
 
-def wait_until(predicate, what, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+wait_until = functools.partial(waiting.wait_until, timeout_s=60.0, poll_s=0.1)
 
 
 class Traffic:

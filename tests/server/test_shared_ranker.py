@@ -4,16 +4,17 @@ import os
 import time
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
 from server.ranker import RankRequest
 from server.shared_ranker import SERVER_PID, SharedRankerRuntime, process_identity
-from server.table.shared import SharedEmbeddingTable, shm_directory
 from server.snapshot import list_snapshots, write_snapshot
 from server.table import EmbeddingTable
+from server.table.shared import SharedEmbeddingTable, shm_directory
+from tests.waiting import wait_until
 from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 
@@ -35,13 +36,6 @@ def shm_root(tmp_path):
 def runtime(data_dir, shm_root, name, **kw):
     return SharedRankerRuntime(SCHEMA, data_dir, name, server_pid=kw.pop("server_pid", os.getpid()),
                                shm_root=shm_root, **kw)
-
-
-def wait_until(predicate, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_instances_share_rows_seq_and_dense_and_apply_once(tmp_path, shm_root, rng):

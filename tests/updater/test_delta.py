@@ -1,6 +1,5 @@
 """Delta records, the file delta stream, and the applier's refusal and healing rules (no Triton)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -10,9 +9,10 @@ from hypothesis import strategies as st
 
 from server.features import shipped_schema
 from server.ranker import RankerRuntime
-from server.streams import SegmentLogWriter
 from server.snapshot import load_latest_snapshot, write_snapshot
+from server.streams import SegmentLogWriter
 from server.table import EmbeddingTable
+from tests.waiting import wait_until
 from updater.applier import DeltaApplier
 from updater.delta import DENSE, SPARSE, DeltaError, DeltaRecord
 from updater.stream import FileDeltaReader, FileDeltaWriter
@@ -135,13 +135,6 @@ def healing_applier(runtime, deltas, **kwargs):
     return DeltaApplier(runtime, lambda after_seq: FileDeltaReader(deltas, after_seq),
                         load_snapshot=lambda: load_latest_snapshot(runtime.data_dir), retry_delays_s=(0.01, 0.02),
                         **kwargs)
-
-
-def wait_until(condition, what, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def row(value):

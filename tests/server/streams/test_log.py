@@ -2,6 +2,7 @@
 
 import bisect
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -15,8 +16,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.streams import log as stream_log
-from server.streams import segments as segment_log
 from server.streams import (
     BackgroundAppender,
     LogCorruptError,
@@ -24,6 +23,9 @@ from server.streams import (
     SegmentLogReader,
     SegmentLogWriter,
 )
+from server.streams import log as stream_log
+from server.streams import segments as segment_log
+from tests import waiting
 
 HEADER = 20
 
@@ -80,11 +82,7 @@ def flip(path, offset: int) -> bytes:
     return original
 
 
-def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.001)
+wait_until = functools.partial(waiting.wait_until, timeout_s=5.0, poll_s=0.001)
 
 
 # ----------------------------------------------------------------- round trips
