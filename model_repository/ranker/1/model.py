@@ -70,7 +70,7 @@ class TritonPythonModel:
             self.m_reloads, self.m_bus_lag, self.m_bus_lag_s, self.m_bus_reconnects))
         self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
         # The ~250k objects of torch, numba and the runtime never die: keep them out of the
-        # collector's full passes (one took 0.22 s on this 2-core machine, on some caller's request).
+        # collector's full passes, which would otherwise stall whichever request triggers one.
         gc.freeze()
 
     def execute(self, requests):
