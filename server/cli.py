@@ -90,7 +90,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from server.front import ApiKeyError, FrontLimits, api_key_file_from
-    from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonStartError
+    from server.launcher import DEFAULT_MODEL_REPOSITORY, DataDirInUse, TritonStartError
+    from server.streams.bus import BusError
     from server.streams.bus_options import configure_bus
     from server.supervisor import RestartPolicy, ServeConfig, Supervisor
 
@@ -107,7 +108,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             grpc_direct=args.grpc_direct,
         )
         supervisor = Supervisor(config, announce=lambda text: print(text, flush=True))
-    except (ValueError, ApiKeyError) as exc:
+    except (ValueError, ApiKeyError, BusError, DataDirInUse) as exc:
         print(f"monolith-rt serve: {exc}", file=sys.stderr)
         return 2
     print(f"starting tritonserver (log: {supervisor.triton.log_path})", file=sys.stderr, flush=True)

@@ -18,10 +18,20 @@ Where things come from:
 Security defaults: HTTP, gRPC and metrics bind to 127.0.0.1; model control
 mode is ``none`` (load/unload requests are refused); the only paths Triton or
 the models use come from flags and the environment, never from requests.
+
+One data directory, one server: ``start`` takes the flock
+``<data_dir>/server.lock`` (non-blocking) before tritonserver exists, passes
+the locked descriptor to tritonserver and closes its own copy, so the lock
+lives exactly as long as that tritonserver (and any model stub that inherited
+it), whoever started it and however its starter died. A second server on the
+same directory is refused at once (DataDirInUse), before it starts anything
+or removes anything of the first. (The ranker's own check at model load,
+server.shared_ranker, still covers a tritonserver started without this class.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -47,6 +57,36 @@ log = logging.getLogger(__name__)
 
 class TritonStartError(RuntimeError):
     """tritonserver did not become ready; the message carries its log's tail."""
+
+
+class DataDirInUse(TritonStartError):
+    """Another server runs on this data directory (it holds ``<data_dir>/server.lock``)."""
+
+
+DATA_DIR_LOCK = "server.lock"
+
+
+def claim_data_dir(data_dir: Path) -> int:
+    """A descriptor holding the exclusive flock on ``<data_dir>/server.lock``
+    (the directory is created if missing); DataDirInUse if another server holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / DATA_DIR_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        raise DataDirInUse(f"data directory {data_dir} is in use by another server ({holder}, holding {path}): "
+                           "one data directory requires one server, got two; stop that server or choose another "
+                           "data directory") from None
+    _write_holder(fd, f"starter pid {os.getpid()}")
+    return fd
+
+
+def _write_holder(fd: int, holder: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode() + b"\n", 0)
 
 
 def _pytriton_root() -> Path | None:
@@ -184,6 +224,7 @@ class TritonServer:
     grpc_host: str | None = None  # default: host
     process: subprocess.Popen | None = field(default=None, init=False)
     stub_pids: list[int] = field(default_factory=list, init=False)  # model stubs, once ready
+    _claim_fd: int | None = field(default=None, init=False, repr=False)  # server.lock, until tritonserver holds it
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).resolve()
@@ -230,13 +271,25 @@ class TritonServer:
                 cmd.append(f"--backend-directory={backends}")
         return cmd + list(self.extra_args)
 
+    def claim_data_dir(self) -> None:
+        """Takes ``<data_dir>/server.lock`` now (idempotent), so that a busy data directory is refused
+        before anything else happens; ``start`` hands it to tritonserver. Raises DataDirInUse."""
+        if self._claim_fd is None:
+            self._claim_fd = claim_data_dir(self.data_dir)
+
     def start(self) -> "TritonServer":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env=server_environment(self.data_dir), start_new_session=True)
+        self.claim_data_dir()
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            cmd = self.command()
+            with open(self.log_path, "ab") as log_file:
+                self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                                env=server_environment(self.data_dir), start_new_session=True,
+                                                pass_fds=(self._claim_fd,))
+            _write_holder(self._claim_fd, f"tritonserver pid {self.process.pid}")
+        finally:
+            os.close(self._claim_fd)  # from here on, tritonserver's copy holds the lock
+            self._claim_fd = None
         self.wait_ready()
         return self
 

@@ -132,6 +132,7 @@ class Supervisor:
         self._api_key = load_api_key(config.api_key_file)
         self._stopping = asyncio.Event()
         self.triton = self._new_triton()
+        self.triton.claim_data_dir()  # a data directory another server uses is refused here, before any start
         limits = config.limits
         self.http = HttpFront("127.0.0.1", self.triton.http_port, limits, self._api_key)
         self.grpc = GrpcFront(self.triton.grpc_url, limits, self._api_key, stats=self.http.stats)

@@ -130,12 +130,16 @@ def _run_online(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     from server.streams.bus_options import configure_bus
-    from server.streams.bus import FencedError
+    from server.streams.bus import BusError, FencedError
     from trainer.online import OnlineConfig, OnlineTrainer, configure_torch
 
     configure_torch()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    configure_bus(args, "trainer")
+    try:
+        configure_bus(args, "trainer")
+    except BusError as exc:
+        print(f"monolith-rt train online: {exc}", file=sys.stderr, flush=True)
+        return 2
     config = OnlineConfig(sync_interval_s=args.sync_interval_ms / 1000, dense_interval_s=args.dense_interval_s,
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
@@ -146,6 +150,9 @@ def _run_online(args: argparse.Namespace) -> int:
     except FencedError as exc:
         print(f"online trainer not started: {exc}", file=sys.stderr, flush=True)
         return 4
+    except BusError as exc:  # unreachable or refusing bus
+        print(f"monolith-rt train online: {exc}", file=sys.stderr, flush=True)
+        return 2
     print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
     try:
         trainer.run(stop, max_seconds=args.max_seconds)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.secret_files import SecretFileError, read_secret_file
 
 __all__ = ["ENV", "BusConfig", "BusError", "FencedError", "read_credentials"]
 
@@ -72,29 +73,35 @@ class BusConfig:
         return env
 
     def connect_options(self) -> dict:
+        """nats.connect's options; reads every file named, raising BusError on the first bad one."""
         options: dict = {}
         if self.credentials:
             options.update(read_credentials(self.credentials))
+        if self.tls_cert:
+            try:
+                read_secret_file(self.tls_key, "bus TLS key file")
+            except SecretFileError as exc:
+                raise BusError(str(exc)) from None
         if self.tls_ca or self.tls_cert:
-            context = ssl.create_default_context(cafile=self.tls_ca)
-            if self.tls_cert:
-                context.load_cert_chain(self.tls_cert, self.tls_key)
+            try:
+                context = ssl.create_default_context(cafile=self.tls_ca)
+                if self.tls_cert:
+                    context.load_cert_chain(self.tls_cert, self.tls_key)
+            except OSError as exc:  # ssl.SSLError too
+                raise BusError(f"bus TLS files (--bus-tls-ca {self.tls_ca}, --bus-tls-cert {self.tls_cert}, "
+                               f"--bus-tls-key {self.tls_key}) cannot be loaded: {exc}") from None
             options["tls"] = context
         return options
 
 
 def read_credentials(path: str | os.PathLike) -> dict:
     """nats.connect options from a credentials file: a NATS .creds file (JWT + nkey seed), or
-    two lines "user" and "password". The file must not be readable by other users."""
+    two lines "user" and "password". The file must be private (server.secret_files)."""
     path = Path(path)
     try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as exc:
-        raise BusError(f"bus credentials file {path}: {exc.strerror}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise BusError(f"bus credentials file {path} requires mode 0600 (no access for group or others), "
-                       f"got {stat.S_IMODE(mode):04o}")
+        text = read_secret_file(path, "bus credentials file").decode(errors="replace")
+    except SecretFileError as exc:
+        raise BusError(str(exc)) from None
     if "BEGIN NATS USER JWT" in text:
         try:
             import nkeys  # noqa: F401  (nats-py signs the server's nonce with it)

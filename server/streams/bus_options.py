@@ -38,7 +38,8 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
 
 def configure_bus(args: argparse.Namespace, role: str):
     """The bus the options name (``role``: "replica" or "trainer", whose credentials --spawn-nats uses),
-    exported to the environment of this process and its children."""
+    exported to the environment of this process and its children. Raises BusError for an unusable
+    credentials or TLS file, ValueError for a malformed option."""
     from server.streams.bus import BusConfig
 
     env = BusConfig.from_env()
@@ -49,6 +50,8 @@ def configure_bus(args: argparse.Namespace, role: str):
     bus = BusConfig(url=url, credentials=credentials, tls_ca=args.bus_tls_ca or env.tls_ca,
                     tls_cert=args.bus_tls_cert or env.tls_cert, tls_key=args.bus_tls_key or env.tls_key,
                     replica=args.replica_id or env.replica)
+    if not bus.local:
+        bus.connect_options()  # reads the credentials and TLS files now: a bad one is refused before anything starts
     os.environ.update(bus.to_env())
     return bus
 

@@ -3,7 +3,10 @@
 
 import gzip
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -304,6 +307,18 @@ def test_model_control_is_refused(server, clients):
     with pytest.raises(Exception):
         clients["grpc"].raw.unload_model("ranker")
     assert clients["grpc"].raw.is_model_ready("ranker")
+
+
+def test_a_second_serve_on_the_same_data_directory_is_refused_at_once(server, unharmed):
+    lock = server.data_dir.resolve() / "server.lock"
+    fds = Path(f"/proc/{server.triton_pid}/fd")
+    assert any(os.path.realpath(fd) == str(lock) for fd in fds.iterdir()), "tritonserver does not hold the lock"
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--data-dir", str(server.data_dir),
+                             "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert f"(tritonserver pid {server.triton_pid}, holding {lock}): one data directory requires one server" \
+        in result.stderr  # and nothing else: no "starting tritonserver", no Triton options table
 
 
 @pytest.mark.parametrize("rid", [b"../../../../tmp/monolith-pwned", b"a\x00b/../../c", b"/etc/passwd", b"..", b"\xff\xfe"])
