@@ -135,7 +135,8 @@ class Supervisor:
         self.triton.claim_data_dir()  # a data directory another server uses is refused here, before any start
         limits = config.limits
         self.http = HttpFront("127.0.0.1", self.triton.http_port, limits, self._api_key)
-        self.grpc = GrpcFront(self.triton.grpc_url, limits, self._api_key, stats=self.http.stats)
+        self.grpc = GrpcFront(self.triton.grpc_url, limits, self._api_key, stats=self.http.stats,
+                              in_flight=self.http.in_flight)
         self.metrics = MetricsFront("127.0.0.1", self.triton.metrics_port, self._metrics_text)
         self.ports: dict[str, int] = {}
 
@@ -184,6 +185,15 @@ class Supervisor:
                 f"  data         {triton.data_dir}\n"
                 f"  API key      {'required' if self._api_key is not None else 'off'}")
 
+    def _suspects(self) -> str:
+        """The requests Triton had when it died (server.front.inflight), for the crash's log line."""
+        lines = self.http.in_flight.suspects()
+        if not lines:
+            return "\nno request was in flight through the fronts"
+        shown = "".join(f"\n  {line}" for line in lines[:20])
+        more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+        return f"\nrequests in flight through the fronts ({len(lines)}):{shown}{more}"
+
     async def _supervise(self) -> int:
         loop = asyncio.get_running_loop()
         exits: list[float] = []
@@ -200,12 +210,12 @@ class Supervisor:
                     continue
                 self.stats.stub_exits += 1
                 log.error("model stub(s) %s of tritonserver exited; Triton does not start them again (the model "
-                          "would fail every request): restarting tritonserver; last lines of its log:\n%s",
-                          lost, self.triton.log_tail(10))
+                          "would fail every request): restarting tritonserver; last lines of its log:\n%s%s",
+                          lost, self.triton.log_tail(10), self._suspects())
             else:
                 self.stats.last_exit_code = code
-                log.error("tritonserver exited with code %s; last lines of its log:\n%s", code,
-                          self.triton.log_tail(10))
+                log.error("tritonserver exited with code %s; last lines of its log:\n%s%s", code,
+                          self.triton.log_tail(10), self._suspects())
             now = time.monotonic()
             exits = [t for t in exits if now - t < self.config.restarts.window_s] + [now]
             await loop.run_in_executor(None, self.triton.kill)

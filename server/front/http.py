@@ -36,11 +36,13 @@ from http import HTTPStatus
 import httptools
 import orjson
 
+from server.front.canonical import http_infer_body
+from server.front.inflight import InFlight
 from server.front.validate import FrontLimits, RequestRejected, check_http_infer
 
 log = logging.getLogger(__name__)
 
-_MODEL = r"/v2/models/[^/]+(?:/versions/[^/]+)?"
+_MODEL = r"/v2/models/[A-Za-z0-9_.\-]{1,128}(?:/versions/[0-9]{1,18})?"
 # (method, path pattern, kind): kind "health" is open; every other kind needs the key when one is set
 _ROUTES = [
     ("POST", re.compile(_MODEL + r"/infer"), "infer"),
@@ -49,10 +51,10 @@ _ROUTES = [
     ("GET", re.compile(r"/v2"), "metadata"),
     ("GET", re.compile(_MODEL), "metadata"),
     ("GET", re.compile(_MODEL + r"/config"), "metadata"),
-    ("GET", re.compile(r"/v2/models(?:/[^/]+(?:/versions/[^/]+)?)?/stats"), "statistics"),
+    ("GET", re.compile(r"/v2/models(?:/[A-Za-z0-9_.\-]{1,128}(?:/versions/[0-9]{1,18})?)?/stats"), "statistics"),
     ("POST", re.compile(r"/v2/repository/index"), "repository"),
 ]
-_FORWARDED_REQUEST_HEADERS = (b"content-type", b"inference-header-content-length", b"accept-encoding")
+_ACCEPTED_ENCODINGS = (b"gzip", b"deflate")
 _RELAYED_RESPONSE_HEADERS = (b"content-type", b"inference-header-content-length", b"content-encoding")
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
 _MAX_URL = 2048
@@ -227,6 +229,8 @@ class _Request:
     headers: dict
     body: bytes
     keep_alive: bool
+    caller: str = ""
+    in_flight: int | None = None  # the InFlight token while Triton has it
 
 
 class _CallerConnection(asyncio.Protocol):
@@ -246,6 +250,8 @@ class _CallerConnection(asyncio.Protocol):
 
     def connection_made(self, transport):
         self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self._caller = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
     def connection_lost(self, exc):
         self._closing = True
@@ -301,7 +307,7 @@ class _CallerConnection(asyncio.Protocol):
 
     def on_message_complete(self):
         self._queue.append(_Request(self._parser.get_method().decode("latin-1"), self._url, self._headers,
-                                    b"".join(self._body), self._parser.should_keep_alive()))
+                                    b"".join(self._body), self._parser.should_keep_alive(), self._caller))
         self._reset()
         if len(self._queue) >= _MAX_PIPELINED:
             self._transport.pause_reading()
@@ -324,6 +330,8 @@ class _CallerConnection(asyncio.Protocol):
 
     def _answered(self, result):
         request, self._in_flight = self._in_flight, None
+        if request.in_flight is not None:
+            self._front.in_flight.closed(request.in_flight, lost=isinstance(result, BaseException))
         if self._closing:
             return
         self._write(request, self._front.relay(request, result))
@@ -343,6 +351,7 @@ class HttpFront:
                  api_key: bytes | None = None, upstream_timeout_s: float = 60.0):
         self.limits = limits
         self.stats = FrontStats()
+        self.in_flight = InFlight()
         self._api_key = api_key
         self._pool = _UpstreamPool(upstream_host, upstream_port, upstream_timeout_s)
         self._server: asyncio.base_events.Server | None = None
@@ -392,20 +401,34 @@ class HttpFront:
         encoding = headers.get(b"content-encoding", b"identity").lower()
         if body and encoding != b"identity":
             body = self._decompress(encoding, body)
+        lines = [f"{request.method} {path} HTTP/1.1".encode(), b"host: triton"]
         if kind == "infer":
-            header_length = headers.get(b"inference-header-content-length")
-            try:
-                parsed_length = None if header_length is None else int(header_length)
-            except ValueError:
-                raise _Refusal(HTTPStatus.BAD_REQUEST, "Inference-Header-Content-Length requires an integer, got "
-                               f"{header_length[:32]!r}", "invalid") from None
-            try:
-                check_http_infer(body, parsed_length, self.limits)
-            except RequestRejected as exc:
-                raise _Refusal(HTTPStatus.BAD_REQUEST, str(exc), "invalid") from None
-        lines = [f"{request.method} {path} HTTP/1.1".encode(), b"host: triton", b"content-length: %d" % len(body)]
-        lines += [name + b": " + headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in headers]
-        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+            chunks, header_length = self._canonical_infer(headers.get(b"inference-header-content-length"), body)
+            request.in_flight = self.in_flight.opened("http", path.split("/")[3], request.caller, request.body)
+            lines += [b"content-type: application/octet-stream", b"inference-header-content-length: %d" % header_length]
+        elif kind == "repository":
+            chunks = [_canonical_index_body(body)]
+            lines.append(b"content-type: application/json")
+        else:
+            chunks = []
+        accepted = headers.get(b"accept-encoding", b"").lower()
+        for name in _ACCEPTED_ENCODINGS:
+            if name in accepted:
+                lines.append(b"accept-encoding: " + name)
+                break
+        lines.append(b"content-length: %d" % sum(map(len, chunks)))
+        return b"".join([b"\r\n".join(lines), b"\r\n\r\n", *chunks])
+
+    def _canonical_infer(self, header_length: bytes | None, body: bytes) -> tuple[list, int]:
+        """What Triton receives for an infer body: its canonical re-encoding (server.front.canonical)."""
+        if header_length is not None and not (header_length.isdigit() and len(header_length) <= 18):
+            raise _Refusal(HTTPStatus.BAD_REQUEST, "Inference-Header-Content-Length requires an integer, got "
+                           f"{header_length[:32]!r}", "invalid")
+        parsed_length = None if header_length is None else int(header_length)
+        try:
+            return http_infer_body(check_http_infer(body, parsed_length, self.limits))
+        except RequestRejected as exc:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, str(exc), "invalid") from None
 
     def _decompress(self, encoding: bytes, body: bytes) -> bytes:
         wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
@@ -423,6 +446,21 @@ class HttpFront:
             raise _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"the decompressed body requires at most {limit} bytes", "too_large")
         return out
+
+
+def _canonical_index_body(body: bytes) -> bytes:
+    """The repository index request re-encoded: an empty body or {"ready": true|false}."""
+    if not body.strip():
+        return b""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _Refusal(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {exc}", "invalid") from None
+    if not isinstance(document, dict) or not document.keys() <= {"ready"} or \
+            type(document.get("ready", False)) is not bool:
+        raise _Refusal(HTTPStatus.BAD_REQUEST, 'the repository index takes an empty body or {"ready": true|false}, '
+                       f"got {body[:80]!r}", "invalid")
+    return orjson.dumps(document)
 
 
 class MetricsFront(HttpFront):
