@@ -103,7 +103,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             tritonserver=args.tritonserver, startup_timeout_s=args.startup_timeout_s,
             api_key_file=api_key_file_from(args.api_key_file),
-            limits=FrontLimits(max_body_bytes=args.max_body_bytes, max_elements_per_input=args.max_elements),
+            limits=FrontLimits(max_body_bytes=args.max_body_bytes, max_elements_per_input=args.max_elements,
+                               max_connections=args.max_connections, read_timeout_s=args.read_timeout_s),
             restarts=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
             grpc_direct=args.grpc_direct,
         )
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-elements", type=positive_int, default=1 << 20,
                        help="most elements one input tensor may declare (default 1048576; the ranker needs at most "
                        "4096 x 8)")
+    serve.add_argument("--max-connections", type=positive_int, default=1024,
+                       help="most HTTP connections open at once; more are answered 503 and closed (default 1024)")
+    serve.add_argument("--read-timeout-s", type=float, default=30.0,
+                       help="an HTTP request must arrive whole within this many seconds of its first byte, else "
+                       "408 and the connection closes (default 30)")
     serve.add_argument("--grpc-direct", action="store_true",
                        help="expose tritonserver's own gRPC port instead of the gRPC front: about 0.5 ms faster per "
                        "request, for trusted callers only (Triton then accepts messages up to 2 GiB, and API keys "

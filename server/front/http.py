@@ -79,6 +79,7 @@ class FrontStats:
     refused: Counter = field(default_factory=Counter)
     forwarded: int = 0
     upstream_errors: int = 0
+    open_connections: int = 0  # HTTP
 
 
 def route(method: str, path: str) -> str:
@@ -247,14 +248,38 @@ class _CallerConnection(asyncio.Protocol):
 
     def _reset(self):
         self._url, self._headers, self._body, self._size = b"", {}, [], 0
+        self._started_at: float | None = None  # the current request's first byte, until it is complete
 
     def connection_made(self, transport):
         self._transport = transport
+        self._active_at = time.monotonic()
         peer = transport.get_extra_info("peername")
         self._caller = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        connections = self._front.connections
+        if len(connections) >= self._front.limits.max_connections:
+            self._refuse_and_close(_Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "too many open connections (the front "
+                                            f"allows {self._front.limits.max_connections}); retry later",
+                                            "too_many_connections"))
+            return
+        connections.add(self)
+        self._front.stats.open_connections = len(connections)
 
     def connection_lost(self, exc):
         self._closing = True
+        self._front.connections.discard(self)
+        self._front.stats.open_connections = len(self._front.connections)
+
+    def expire(self, now: float) -> None:
+        """Closes the connection if its request is arriving too slowly, or if it has been idle too long."""
+        limits = self._front.limits
+        if self._closing:
+            return
+        if self._started_at is not None and now - self._started_at > limits.read_timeout_s:
+            self._refuse_and_close(_Refusal(HTTPStatus.REQUEST_TIMEOUT, "the request did not arrive whole within "
+                                            f"{limits.read_timeout_s:g} s", "slow_request"))
+        elif self._in_flight is None and not self._queue and now - self._active_at > limits.idle_timeout_s:
+            self._closing = True
+            self._transport.close()
 
     def data_received(self, data):
         if self._closing:
@@ -277,6 +302,9 @@ class _CallerConnection(asyncio.Protocol):
         self._transport.close()
 
     # httptools callbacks
+    def on_message_begin(self):
+        self._started_at = time.monotonic()
+
     def on_url(self, url: bytes):
         self._url += url
         if len(self._url) > _MAX_URL:
@@ -338,6 +366,7 @@ class _CallerConnection(asyncio.Protocol):
         self._next()
 
     def _write(self, request: _Request, answer: bytes):
+        self._active_at = time.monotonic()
         self._transport.write(answer)
         if not request.keep_alive:
             self._closing = True
@@ -352,16 +381,28 @@ class HttpFront:
         self.limits = limits
         self.stats = FrontStats()
         self.in_flight = InFlight()
+        self.connections: set[_CallerConnection] = set()
         self._api_key = api_key
         self._pool = _UpstreamPool(upstream_host, upstream_port, upstream_timeout_s)
         self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _CallerConnection(self), host, port, reuse_address=True)
+        self._sweep()
         return self._server.sockets[0].getsockname()[1]
 
+    def _sweep(self) -> None:
+        """Once a second: slow requests and idle connections (cheaper than a timer per connection)."""
+        now = time.monotonic()
+        for connection in list(self.connections):
+            connection.expire(now)
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
     async def close(self):
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         self._pool.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-REFUSAL_REASONS = ("invalid", "too_large", "unauthorized", "not_exposed", "malformed")
+REFUSAL_REASONS = ("invalid", "too_large", "unauthorized", "not_exposed", "malformed", "too_many_connections",
+                   "slow_request")
 
 
 class _Collector:
@@ -18,6 +19,8 @@ class _Collector:
         for reason in REFUSAL_REASONS:
             refused.add_metric([reason], self._front.refused.get(reason, 0))
         yield refused
+        yield GaugeMetricFamily("monolith_front_open_connections", "HTTP connections callers hold open on the front",
+                                value=self._front.open_connections)
         yield CounterMetricFamily("monolith_front_forwarded", "Requests the front forwarded to tritonserver",
                                   value=self._front.forwarded)
         yield CounterMetricFamily("monolith_front_upstream_errors",

@@ -83,20 +83,32 @@ class RequestRejected(ValueError):
 
 @dataclass(frozen=True)
 class FrontLimits:
-    """What one request may declare and carry. The defaults are far above the
-    shipped models' needs (the ranker takes at most 4096 x 8 FIDs = 32,768
-    elements, 256 KiB) and far below what hurts the server."""
+    """What one request may declare and carry, and what callers may hold open.
+    The defaults are far above the shipped models' needs (the ranker takes at
+    most 4096 x 8 FIDs = 32,768 elements, 256 KiB) and far below what hurts
+    the server. Connections (HTTP): at most ``max_connections`` open at once
+    (more are answered 503 and closed), a request must arrive whole within
+    ``read_timeout_s`` of its first byte (else 408), and a connection idle for
+    ``idle_timeout_s`` is closed: a caller trickling bytes holds a socket and
+    at most max_body_bytes for read_timeout_s, not forever."""
 
     max_body_bytes: int = 8 << 20
     max_elements_per_input: int = 1 << 20
     max_inputs: int = 16
     max_outputs: int = 16
+    max_connections: int = 1024
+    read_timeout_s: float = 30.0
+    idle_timeout_s: float = 300.0
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_elements_per_input", "max_inputs", "max_outputs"):
+        for name in ("max_body_bytes", "max_elements_per_input", "max_inputs", "max_outputs", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"FrontLimits.{name} requires an integer >= 1, got {value!r}")
+        for name in ("read_timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"FrontLimits.{name} requires a finite number of seconds > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
