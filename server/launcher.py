@@ -234,7 +234,9 @@ class TritonServer:
         self.grpc_port = self.grpc_port or free_port(self.grpc_host)
         self.metrics_port = self.metrics_port or free_port(self.host)
         self.log_path = self.data_dir / "logs" / "tritonserver.log"
-        self.shm_prefix = f"monolith_{os.getpid()}_{self.http_port}_"
+        # "triton_" first: Triton releases since mid-2025 refuse to register shared-memory keys with
+        # that prefix through their shared-memory API (README, "Which Triton"); ours would be open otherwise
+        self.shm_prefix = f"triton_monolith_{os.getpid()}_{self.http_port}_"
 
     @property
     def http_url(self) -> str:
