@@ -235,7 +235,8 @@ def _json_tensor_bytes(name: str, datatype: str, shape, count: int, data) -> byt
     if datatype in _FLOAT_TYPES:
         if not kinds <= {int, float}:
             raise RequestRejected(f"input '{name}' requires numbers for {datatype}, got {_kind_names(kinds)}")
-        array = np.array(values, dtype=np.float64).astype(_FLOAT_TYPES[datatype])
+        with np.errstate(over="ignore"):
+            array = np.array(values, dtype=np.float64).astype(_FLOAT_TYPES[datatype])
         if not np.isfinite(array).all():
             raise RequestRejected(f"input '{name}' holds a value beyond the range of {datatype} "
                                   f"(|x| <= {float(np.finfo(array.dtype).max):.6g})")

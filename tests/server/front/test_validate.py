@@ -1,5 +1,6 @@
 """server.front.validate: declared shapes against carried data, for every encoding, without a server."""
 
+import re
 import struct
 
 import numpy as np
@@ -157,3 +158,73 @@ def test_every_datatype_has_its_size():
     assert DATATYPE_BYTES["UINT64"] == 8 and DATATYPE_BYTES["BYTES"] == 0
     with pytest.raises(ValueError, match="max_body_bytes"):
         FrontLimits(max_body_bytes=0)
+
+
+def _json_input(datatype: str, data, name: str = "x") -> bytes:
+    values = b",".join(str(v).encode() if type(v) is int else orjson.dumps(v) for v in data)  # ints past 64 bits
+    return b'{"inputs": [{"name": "%s", "datatype": "%s", "shape": [%d], "data": [%s]}]}' % (
+        name.encode(), datatype.encode(), len(data), values)
+
+
+@pytest.mark.parametrize("datatype, data", [
+    ("INT8", [1, 128]), ("INT8", [-129]), ("UINT8", [256]), ("UINT8", [-1]), ("INT32", [2**31]),
+    ("UINT64", [-1]), ("INT64", [2**63]), ("UINT64", [2**64]), ("FP32", [1e39]), ("FP16", [70000.0]),
+    ("INT64", [True]), ("INT64", [1.5]), ("BOOL", [1]), ("FP64", [True]), ("BYTES", [1]), ("FP32", ["1"]),
+    ("INT64", [None]), ("BF16", [1.0]),
+], ids=str)
+def test_json_values_outside_their_datatype_are_refused(datatype, data):
+    with pytest.raises(RequestRejected, match="input 'x'"):
+        check_http_infer(_json_input(datatype, data), None, LIMITS)
+
+
+@pytest.mark.parametrize("datatype, data, expected", [
+    ("INT8", [-128, 127], np.array([-128, 127], np.int8)),
+    ("UINT64", [0, 2**64 - 1], np.array([0, 2**64 - 1], np.uint64)),
+    ("INT64", [-2**63, 2**63 - 1], np.array([-2**63, 2**63 - 1], np.int64)),
+    ("FP32", [1, 0.5, -3.4e38], np.array([1, 0.5, -3.4e38], np.float32)),
+    ("FP16", [65504.0], np.array([65504.0], np.float16)),
+    ("BOOL", [True, False], np.array([True, False])),
+], ids=str)
+def test_json_values_at_the_edges_of_their_datatype_become_its_bytes(datatype, data, expected):
+    (tensor,) = check_http_infer(_json_input(datatype, data), None, LIMITS).inputs
+    assert bytes(tensor.data) == expected.tobytes() and tensor.shape == (len(data),)
+
+
+def test_bytes_data_becomes_length_prefixed_utf8():
+    (tensor,) = check_http_infer(_json_input("BYTES", ["a", "", "é"]), None, LIMITS).inputs
+    assert bytes(tensor.data) == bytes_blob([b"a", b"", "é".encode()])
+
+
+@pytest.mark.parametrize("body, fault", [
+    (b'{"inputs": [{"name": "a b", "datatype": "INT64", "shape": [1], "data": [1]}]}', "name"),
+    (b'{"inputs": [{"name": "a\\u0000", "datatype": "INT64", "shape": [1], "data": [1]}]}', "name"),
+    (b'{"inputs": [{"name": "a", "datatype": "INT64", "shape": [1], "data": [1], "extra": 1}]}', "extra"),
+    (b'{"inputs": [{"name": "a", "datatype": "INT64", "shape": [1], "data": [1]}], "model": "x"}', "model"),
+    (b'{"inputs": [{"name": "a", "datatype": "INT64", "shape": [1], "data": [1]}], "parameters": {"x": 1}}', "'x'"),
+    (b'{"inputs": [{"name": "a", "datatype": "INT64", "shape": [1], "data": [1]}], '
+     b'"parameters": {"priority": -1}}', "priority"),
+    (b'{"inputs": [{"name": "a", "datatype": "INT64", "shape": [1], "data": [1]}], "id": 7}', "'id'"),
+    (b'{"inputs": [{"name": "a", "datatype": "INT64", "shape": [1], "data": [1]}], '
+     b'"outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}', "binary_data"),
+    (b'{"inputs": [{"name": "a", "datatype": "BOOL", "shape": [1], "parameters": {"binary_data_size": 1}}]}\x02',
+     "0 or 1"),
+], ids=range(9))
+def test_what_the_front_could_not_forward_as_it_read_it_is_refused(body, fault):
+    header_length = body.index(b"}]}") + 3 if body.endswith(b"\x02") else None
+    with pytest.raises(RequestRejected, match=re.escape(fault)):
+        check_http_infer(body, header_length, LIMITS)
+
+
+def test_a_duplicate_key_is_read_once_the_last_one_wins():
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[10000000000],"shape":[1],"data":[1.0]}]}'
+    (tensor,) = check_http_infer(body, None, LIMITS).inputs
+    assert tensor.shape == (1,)
+
+
+@pytest.mark.parametrize("datatype, field, values", [("INT8", "int_contents", [128]), ("UINT8", "uint_contents", [256]),
+                                                     ("INT16", "int_contents", [-40000])], ids=str)
+def test_grpc_typed_contents_outside_their_datatype_are_refused(datatype, field, values):
+    request = service_pb2.ModelInferRequest(model_name="m")
+    getattr(request.inputs.add(name="x", datatype=datatype, shape=[1]).contents, field).extend(values)
+    with pytest.raises(RequestRejected, match=f"requires {datatype} values"):
+        check_grpc_infer(request, LIMITS)
