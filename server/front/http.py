@@ -247,7 +247,8 @@ class _CallerConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self):
-        self._url, self._headers, self._body, self._size = b"", {}, [], 0
+        # one growing buffer, not a list of chunks: 4M chunks of 2 bytes as bytes objects cost ~30x their size
+        self._url, self._headers, self._body, self._size = b"", {}, bytearray(), 0
         self._started_at: float | None = None  # the current request's first byte, until it is complete
 
     def connection_made(self, transport):
@@ -331,11 +332,11 @@ class _CallerConnection(asyncio.Protocol):
         if self._size > self._front.limits.max_body_bytes:
             raise _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"the body requires at most {self._front.limits.max_body_bytes} bytes", "too_large")
-        self._body.append(body)
+        self._body += body
 
     def on_message_complete(self):
         self._queue.append(_Request(self._parser.get_method().decode("latin-1"), self._url, self._headers,
-                                    b"".join(self._body), self._parser.should_keep_alive(), self._caller))
+                                    bytes(self._body), self._parser.should_keep_alive(), self._caller))
         self._reset()
         if len(self._queue) >= _MAX_PIPELINED:
             self._transport.pause_reading()

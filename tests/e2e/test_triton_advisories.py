@@ -100,9 +100,6 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
-@pytest.mark.xfail(strict=True, reason="front gap (issue 20 part 4): the HTTP front keeps each chunk as its own "
-                   "bytes object, so an 8 MiB body of 2-byte chunks costs it ~225 MB, and nothing bounds the "
-                   "number of such connections")
 def test_a_body_of_tiny_chunks_costs_the_front_about_its_size(server, unharmed):
     before = peak_rss_mb(server.process.pid)
     answer = send_chunked(server, b"2\r\nab\r\n" * ((MAX_BODY_BYTES - 4096) // 2) + b"0\r\n\r\n")
