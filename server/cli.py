@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Prometheus metrics port (default 8002; 0 = free)")
     serve.add_argument("--api-key-file", default=None,
                        help="require 'Authorization: Bearer <key>' (HTTP header or gRPC metadata) on everything "
-                       "but health and metrics; the file holds the key and must not be readable by other users "
+                       "but health and metrics; the file holds the key and must give no access to group or others (mode 0600) "
                        "(default: $MONOLITH_API_KEY_FILE, else no key)")
     serve.add_argument("--max-body-bytes", type=positive_int, default=8 << 20,
                        help="largest request body or gRPC message accepted (default 8 MiB)")
