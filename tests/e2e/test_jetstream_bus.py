@@ -88,7 +88,7 @@ def test_deltas_round_trip_with_parts_and_the_second_writer_is_fenced(streams, r
         streams().open_delta_writer(lease_wait_s=0.5)
     # ... and when the first was paused past its lease (a zombie), the second takes over and the
     # zombie's next publish is refused by the expected last sequence.
-    writer._heartbeat.cancel()
+    writer.lease._heartbeat.cancel()  # paused: its lease lapses
     trainer.run(_purge_lease(trainer))
     second = streams().open_delta_writer(lease_wait_s=0.5)
     assert second.next_seq == first + 3
