@@ -42,7 +42,7 @@ import numpy as np
 
 from loadtest.latency import _request_fids, _requests, _window
 from server.features import FeatureSchema
-from server.launcher import cpu_seconds, processes
+from server.procs import cpu_seconds, processes
 
 _PARTS = ("keys", "rows", "stamps", "versions")
 

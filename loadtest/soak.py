@@ -31,7 +31,7 @@ from loadtest.histogram import LatencyHistogram
 from loadtest.stack import spawn_stack, wait_trainer_ready
 from server.client import RankerClient
 from server.features import FeatureSchema
-from server.launcher import processes
+from server.procs import processes
 
 _SIM_SECONDS_PER_S = 86_400.0
 _IDS_PER_S = 200

@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -47,10 +46,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.procs import free_port, group_members, proc_stat, processes
+
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 _READY_POLL_S = 0.1
 _LOST_STUB_GRACE_S = 5.0
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,6 @@ def _require_no_whitespace(what: str, path: Path) -> None:
                          "through a shell without quoting, so it requires a path without spaces")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def server_environment(data_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -176,34 +170,6 @@ def server_environment(data_dir: Path) -> dict[str, str]:
     env.pop("MONOLITH_API_KEY_FILE", None)  # the front checks keys; Triton and the models never see them
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first, as
-    fields 3.. of proc(5)), or None if the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads); 0 if it is gone."""
-    fields = proc_stat(pid)
-    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def processes():
-    """(pid, state, ppid, pgrp) of every process, from /proc/<pid>/stat."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := proc_stat(int(entry.name))) is not None:
-            yield int(entry.name), fields[0], int(fields[1]), int(fields[2])
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in process group ``pgid``."""
-    return [pid for pid, state, _, pgrp in processes() if pgrp == pgid and state != "Z"]
 
 
 @dataclass

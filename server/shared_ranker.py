@@ -46,7 +46,7 @@ import threading
 from pathlib import Path
 
 from server.dense import build_dense
-from server.launcher import proc_stat
+from server.procs import proc_stat
 from server.ranker import RankerRuntime
 from server.table.cuckoo import SLOTS
 from server.table.shared import SharedEmbeddingTable, shm_directory

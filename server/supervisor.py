@@ -36,7 +36,8 @@ from server.front.auth import load_api_key
 from server.front.grpc import GrpcFront
 from server.front.http import HttpFront, MetricsFront
 from server.front.validate import FrontLimits
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError, free_port, processes
+from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+from server.procs import free_port, processes
 
 log = logging.getLogger(__name__)
 

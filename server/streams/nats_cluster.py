@@ -36,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.launcher import cpu_seconds, free_port
+from server.procs import cpu_seconds, free_port
 
 __all__ = ["NatsCluster", "find_nats_server", "REPLICA_PERMISSIONS", "TRAINER_PERMISSIONS"]
 

@@ -14,7 +14,7 @@ import pytest
 from server.client import InferError, RankerClient
 from server.features import shipped_schema
 from server.front.auth import ENV_API_KEY_FILE, ApiKeyError, api_key_file_from, load_api_key
-from server.launcher import group_members
+from server.procs import group_members
 from server.streams.records import FeatureRecord
 from server.streams import SegmentLogReader
 from server.supervisor import ServeProcess

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from server.client import InferError, RankerClient, rank_tensors
 from server.features import fid, shipped_schema
-from server.launcher import group_members
+from server.procs import group_members
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.streams import FEATURES, FEEDBACK, SegmentLogReader, Streams
 from server.supervisor import ServeProcess

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from server.client import RankerClient
-from server.launcher import group_members
+from server.procs import group_members
 from server.supervisor import ServeProcess
 from tests.e2e.test_supervisor import rank_or_none, restarted_pid, wait_until
 from updater.tools import SyntheticProducer

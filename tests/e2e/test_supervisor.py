@@ -13,7 +13,8 @@ import pytest
 
 from server.client import InferError, RankerClient
 from server.features import fid, shipped_schema
-from server.launcher import TritonServer, group_members
+from server.launcher import TritonServer
+from server.procs import group_members
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader, SegmentLogWriter
 from server.supervisor import EXIT_GAVE_UP, ServeProcess

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.launcher import group_members
+from server.procs import group_members
 from server.supervisor import ServeProcess
 
 SCHEMA = shipped_schema()
