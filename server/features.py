@@ -120,8 +120,15 @@ class FeatureSchema:
 
     slots: tuple[Slot, ...]
     dense: Mapping = field(default_factory=dict)
+    # The labels feedback may carry, inclusive ("labels": {"min": .., "max": ..} in the file).
+    # Within [0, 1]: the trainer's loss is binary cross-entropy.
+    label_min: float = 0.0
+    label_max: float = 1.0
 
     def __post_init__(self):
+        if not 0.0 <= self.label_min <= self.label_max <= 1.0:
+            raise ValueError(f"labels requires 0 <= min <= max <= 1 (the trainer's loss is binary cross-entropy), "
+                             f"got min {self.label_min}, max {self.label_max}")
         names = [s.name for s in self.slots]
         ids = [s.slot for s in self.slots]
         if len(set(names)) != len(names) or len(set(ids)) != len(ids):
@@ -196,12 +203,18 @@ class FeatureSchema:
 
 
 def load_schema(path: str | Path) -> FeatureSchema:
-    """Reads and validates a schema JSON file: {"slots": [...], "dense": {...}}."""
+    """Reads and validates a schema JSON file: {"slots": [...], "dense": {...}, "labels": {"min", "max"}}
+    (labels default to [0, 1])."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
         slots = tuple(Slot(**s) for s in raw["slots"])
-        return FeatureSchema(slots=slots, dense=raw.get("dense", {}))
+        labels = raw.get("labels", {})
+        unknown = set(labels) - {"min", "max"}
+        if unknown:
+            raise ValueError(f"labels takes 'min' and 'max', got {sorted(unknown)}")
+        return FeatureSchema(slots=slots, dense=raw.get("dense", {}), label_min=float(labels.get("min", 0.0)),
+                             label_max=float(labels.get("max", 1.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"feature schema {path}: {exc}") from exc
 

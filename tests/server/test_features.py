@@ -108,3 +108,20 @@ def test_feedback_record_round_trip():
     back = FeedbackRecord.decode(record.encode())
     assert (back.request_id, back.event_time_s, back.accepted_time_s) == (b"r1", 10.0, 11.0)
     assert back.item_fids.tolist() == [5, 6] and back.labels.tolist() == [1.0, 0.5]
+
+
+def test_the_schema_declares_the_label_range(tmp_path):
+    import json
+
+    assert (SCHEMA_PATH.exists(), load_schema(SCHEMA_PATH).label_min, load_schema(SCHEMA_PATH).label_max) == \
+        (True, 0.0, 1.0)
+    raw = json.loads(SCHEMA_PATH.read_text())
+    for labels, fault in (({"min": 0.5, "max": 0.2}, "0 <= min <= max <= 1"), ({"min": 0, "max": 5}, "<= 1"),
+                          ({"low": 0}, "takes 'min' and 'max'")):
+        path = tmp_path / "schema.json"
+        path.write_text(json.dumps({**raw, "labels": labels}))
+        with pytest.raises(ValueError, match=fault):
+            load_schema(path)
+    del raw["labels"]
+    path.write_text(json.dumps(raw))
+    assert (load_schema(path).label_min, load_schema(path).label_max) == (0.0, 1.0)  # the default
