@@ -2,14 +2,26 @@
 
     client = RankerClient("127.0.0.1:8001", protocol="grpc")
     user, items = schema.encode_request({"user_id": 7}, [{"item_id": 1}, {"item_id": 2}])
-    scores, delta_seq = client.rank(user, items, request_id=b"req-1")
-    client.feedback(b"req-1", item_fids=items[:1, 0], labels=[1.0])
+    ranked = client.rank(user, items, request_id=b"req-1")
+    scores, delta_seq = ranked                       # unpacks as before
+    client.feedback(b"req-1", item_fids=items[:1, 0], labels=[1.0],
+                    impression_id=ranked.impression_id)
+
+The ranker gives every response an ``impression_id``; feedback echoes it and
+the trainer joins on it (the client's request_id is a correlation field
+only). Callers that predate it keep working: ``feedback`` without
+``impression_id`` sends the one this client last received for that
+request_id (it remembers the last ``REMEMBERED_IMPRESSIONS``), so a caller
+that reuses request ids joins its feedback to the latest impression of that
+id; pass ``impression_id`` to be exact.
 
 ``infer`` sends arbitrary named tensors (tests use it for malformed requests).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,6 +47,27 @@ def rank_tensors(user_fids, item_fids, request_id: bytes, timestamp_s: float | N
     if timestamp_s is not None:
         tensors["timestamp"] = np.array([[timestamp_s]], dtype=np.float64)
     return tensors
+
+
+REMEMBERED_IMPRESSIONS = 100_000  # request_id -> impression_id, for feedback that names no impression
+
+
+class Ranked(tuple):
+    """``(scores, delta_seq)`` of one ranking, which unpacks as the tuple ``rank`` always returned,
+    plus ``impression_id``: the ranker's id of this impression, which feedback echoes."""
+
+    def __new__(cls, scores: np.ndarray, delta_seq: int, impression_id: bytes):
+        self = super().__new__(cls, (scores, delta_seq))
+        self.impression_id = impression_id
+        return self
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def delta_seq(self) -> int:
+        return self[1]
 
 
 class InferError(RuntimeError):
@@ -63,6 +96,8 @@ class RankerClient:
         from tritonclient.utils import InferenceServerException
 
         self._error = InferenceServerException
+        self._impressions: OrderedDict[bytes, bytes] = OrderedDict()
+        self._impressions_lock = threading.Lock()
 
     @property
     def raw(self):
@@ -95,18 +130,34 @@ class RankerClient:
         return {name: result.as_numpy(name) for name in outputs}
 
     def rank(self, user_fids: np.ndarray, item_fids: np.ndarray, request_id: bytes,
-             timestamp_s: float | None = None, model: str = "ranker") -> tuple[np.ndarray, int]:
-        """Scores (float32[N]) of the candidates and the delta_seq they were computed at."""
-        out = self.infer(model, rank_tensors(user_fids, item_fids, request_id, timestamp_s), ["scores", "delta_seq"])
-        return out["scores"][0], int(out["delta_seq"][0, 0])
+             timestamp_s: float | None = None, model: str = "ranker") -> Ranked:
+        """Scores (float32[N]) of the candidates and the delta_seq they were computed at, as a ``Ranked``
+        that also carries the impression id (remembered for ``feedback`` under ``request_id``)."""
+        out = self.infer(model, rank_tensors(user_fids, item_fids, request_id, timestamp_s),
+                         ["scores", "delta_seq", "impression_id"])
+        impression_id = bytes(out["impression_id"].reshape(-1)[0])
+        with self._impressions_lock:
+            self._impressions[request_id] = impression_id
+            self._impressions.move_to_end(request_id)
+            if len(self._impressions) > REMEMBERED_IMPRESSIONS:
+                self._impressions.popitem(last=False)
+        return Ranked(out["scores"][0], int(out["delta_seq"][0, 0]), impression_id)
 
-    def feedback(self, request_id: bytes, item_fids, labels, event_time_s: float | None = None) -> int:
-        """Sends actions; returns how many the server durably accepted."""
+    def feedback(self, request_id: bytes, item_fids, labels, event_time_s: float | None = None,
+                 impression_id: bytes | None = None) -> int:
+        """Sends actions on the impression ``impression_id`` (default: the one this client last
+        received for ``request_id``, none if it ranked no such request); returns how many the server
+        durably accepted. Retrying after an error is safe: the trainer counts an (impression, item) once."""
+        if impression_id is None:
+            with self._impressions_lock:
+                impression_id = self._impressions.get(request_id)
         tensors = {  # a batch dimension of 1, as for the ranker (Triton batches concurrent requests)
             "request_id": np.array([[request_id]], dtype=np.object_),
             "item_fids": np.asarray(item_fids, dtype=np.uint64).reshape(1, -1),
             "labels": np.asarray(labels, dtype=np.float32).reshape(1, -1),
         }
+        if impression_id is not None:
+            tensors["impression_id"] = np.array([[impression_id]], dtype=np.object_)
         if event_time_s is not None:
             tensors["event_time"] = np.array([[event_time_s]], dtype=np.float64)
         return int(self.infer("feedback", tensors, ["accepted"])["accepted"][0, 0])

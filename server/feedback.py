@@ -1,7 +1,9 @@
 """The feedback model's runtime: validates user actions and appends them durably.
 
-An action names the request it answers (request_id), the candidate's item FID
-and a label (a click = 1.0, a rating, a watch fraction...). One request may
+An action names the impression it answers (impression_id, as the ranker
+returned it; request_id is the client's correlation field), the candidate's
+item FID and a label (a click = 1.0, a watch fraction...) within the feature
+schema's "labels" range, [0, 1] unless it declares a narrower one. One request may
 carry M actions of one ranking request. The response is sent only after the
 feedback log has the record durably (fsynced on the local bus; acknowledged
 by JetStream on a NATS bus, see server.streams.jetstream for what that
@@ -18,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from server.features import PAD_FID
-from server.ranker import RequestError, _expect, parse_request_id, parse_time
+from server.ranker import RequestError, _expect, parse_impression_id, parse_request_id, parse_time
 from server.streams.records import FeedbackRecord
 from server.streams import FEEDBACK, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.table import EMPTY_KEY
@@ -27,8 +29,10 @@ MAX_ACTIONS = 1024
 FEEDBACK_LOG_QUEUE = 10_000
 
 
-def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float) -> FeedbackRecord:
+def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float, *,
+                           label_range: tuple[float, float] = (0.0, 1.0)) -> FeedbackRecord:
     request_id = parse_request_id(inputs.get("request_id"))
+    impression_id = parse_impression_id(inputs.get("impression_id"))
     items = _expect("item_fids", inputs.get("item_fids"), np.uint64, 1)
     labels = _expect("labels", inputs.get("labels"), np.float32, 1)
     if not 1 <= items.shape[0] <= MAX_ACTIONS:
@@ -39,8 +43,13 @@ def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float
         raise RequestError("input 'item_fids' holds a reserved value (0 or 2**64-1)")
     if not np.all(np.isfinite(labels)):
         raise RequestError("input 'labels' requires finite values")
+    low, high = label_range
+    outside = (labels < low) | (labels > high)
+    if np.any(outside):
+        raise RequestError(f"input 'labels' requires values in [{low:g}, {high:g}] (the feature schema's "
+                           f"\"labels\"), got {float(labels[outside][0]):g}")
     event_time = parse_time("event_time", inputs.get("event_time"), now_s)
-    return FeedbackRecord(request_id, event_time, now_s, items.copy(), labels.copy())
+    return FeedbackRecord(request_id, event_time, now_s, items.copy(), labels.copy(), impression_id)
 
 
 class FeedbackRuntime:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 4096
 MAX_REQUEST_ID_BYTES = 256
+IMPRESSION_ID_BYTES = 32  # 128 random bits as lowercase hex: server.ranker.new_impression_ids
 FEATURE_LOG_QUEUE = 10_000
 FEATURE_LOG_SUBMIT_TIMEOUT_S = 0.05
 FEATURE_LOG_LINGER_S = 0.02  # one append run + fsync per 20 ms under load, not per batch
@@ -150,6 +152,38 @@ def parse_request_id(value: np.ndarray | None) -> bytes:
         size = len(rid) if isinstance(rid, bytes) else type(rid).__name__
         raise RequestError(f"input 'request_id' requires 1 to {MAX_REQUEST_ID_BYTES} bytes, got {size}")
     return rid
+
+
+def new_impression_ids(count: int) -> list[bytes]:
+    """``count`` impression ids, each 128 random bits as 32 lowercase hex ASCII bytes.
+
+    The ranker gives one to every request it scores: it is returned in the
+    response, logged with the features, and feedback echoes it; the joiner
+    keys on it, never on the client's request_id. Random rather than a counter,
+    so instances, replicas and restarts need no coordination (two of 2**40
+    impressions collide with odds of 2**-49) and one caller cannot guess
+    another's ids."""
+    raw = os.urandom(16 * count).hex().encode()
+    return [raw[k : k + IMPRESSION_ID_BYTES] for k in range(0, len(raw), IMPRESSION_ID_BYTES)]
+
+
+def parse_impression_id(value: np.ndarray | None) -> bytes:
+    """The optional ``impression_id`` input of feedback: b"" when absent, else exactly what the ranker
+    returned (IMPRESSION_ID_BYTES lowercase hex characters)."""
+    if value is None:
+        return b""
+    value = _expect("impression_id", value, np.object_, 1)
+    if value.shape[0] != 1:
+        raise RequestError(f"input 'impression_id' requires shape [1], got {list(value.shape)}")
+    iid = value[0]
+    if isinstance(iid, str):
+        iid = iid.encode()
+    if (not isinstance(iid, bytes) or len(iid) != IMPRESSION_ID_BYTES
+            or iid.strip(b"0123456789abcdef") != b""):
+        shown = repr(iid[:40]) if isinstance(iid, bytes) else type(iid).__name__
+        raise RequestError(f"input 'impression_id' requires the {IMPRESSION_ID_BYTES} lowercase hex characters "
+                           f"the ranker returned, got {shown}")
+    return iid
 
 
 def parse_time(name: str, value: np.ndarray | None, default_s: float) -> float:
@@ -276,11 +310,11 @@ class RankerRuntime:
             self._scorer_fn, self._scorer_of = DeepFMScorer(dense, self.schema), dense
         return self._scorer_fn
 
-    def log_scored(self, request: RankRequest, scores: np.ndarray, seq: int) -> bool:
-        """Queues the request's feature record; False (and counted as shed) if
-        the log writer stays full past a short timeout."""
+    def log_scored(self, request: RankRequest, scores: np.ndarray, seq: int, impression_id: bytes) -> bool:
+        """Queues the request's feature record under the ``impression_id`` its response
+        carries; False (and counted as shed) if the log writer stays full past a short timeout."""
         record = FeatureRecord(request.request_id, request.request_time_s, seq,
-                               request.user_fids, request.item_fids, scores)
+                               request.user_fids, request.item_fids, scores, impression_id)
         return self.feature_log.submit(record.encode(), timeout_s=FEATURE_LOG_SUBMIT_TIMEOUT_S)
 
     def close(self, snapshot: bool = True) -> Path | None:

@@ -49,6 +49,10 @@ def add_commands(commands, bench) -> None:
     online.add_argument("--window-s", type=float, default=30.0, help="join window in seconds (default 30)")
     online.add_argument("--expiry-interval-s", type=float, default=60.0,
                         help="seconds between per-slot TTL sweeps (default 60)")
+    online.add_argument("--join-buffer-mb", type=positive_int, default=512,
+                        help="the join buffer's memory limit in MiB; past it the oldest entries are shed and "
+                        "counted (monolith_joiner_total{counter=\"shed_*\"} in <data-dir>/joiner/metrics.prom; "
+                        "default 512)")
     online.add_argument("--negative-rate", type=float, default=0.1,
                         help="share of unclicked impressions kept as negatives, each weighted 1/rate; 0: none, "
                         "for feedback that labels negatives explicitly (default 0.1)")
@@ -144,7 +148,8 @@ def _run_online(args: argparse.Namespace) -> int:
                           snapshot_interval_s=args.snapshot_interval_s, batch_size=args.batch_size,
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
                           lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s,
-                          log_retention_s=args.log_retention_s, guard=not args.no_guard)
+                          log_retention_s=args.log_retention_s, guard=not args.no_guard,
+                          join_buffer_bytes=int(args.join_buffer_mb * 2**20))
     try:
         trainer = OnlineTrainer(schema(), args.data_dir, config)
     except FencedError as exc:

@@ -56,7 +56,8 @@ from server.streams.bus import FencedError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.guard import GuardConfig, TrainerGuard
-from trainer.joiner import Joiner
+from trainer.joiner import COUNTERS, MAX_BUFFER_BYTES, Joiner
+from trainer.joiner_metrics import write_joiner_metrics
 from trainer.model import TrainerModel, auc
 from trainer.retention import apply_retention
 from updater.delta import DENSE, DeltaRecord
@@ -88,6 +89,8 @@ class OnlineConfig:
     log_retention_s: float = 3600.0
     # The quality guard (trainer.guard): hold or roll back updates that make served scores worse.
     guard: bool = True
+    # The join buffer's memory limit; past it the oldest entries are shed and counted (trainer.joiner).
+    join_buffer_bytes: int = MAX_BUFFER_BYTES
 
     def __post_init__(self):
         if not 0.05 <= self.sync_interval_s <= 86400:
@@ -213,7 +216,9 @@ class OnlineTrainer:
         self.model = TrainerModel(schema, **model_args)
         self.streams = open_streams(self.data_dir)  # the bus: local files or JetStream
         self.fenced: str | None = None
-        self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate, streams=self.streams)
+        self.joiner = Joiner(self.data_dir, self.config.window_s, self.config.negative_rate, streams=self.streams,
+                             label_range=(schema.label_min, schema.label_max),
+                             max_buffer_bytes=self.config.join_buffer_bytes)
         meta = load_checkpoint(self.data_dir, self.model, self.joiner)
         self.model.set_learning_rates(sparse=self.config.lr_sparse, dense=self.config.lr_dense)
         # Logs outlive what a checkpoint may need: two snapshot intervals at least (see the README).
@@ -231,7 +236,7 @@ class OnlineTrainer:
             self.start_message += f"; {reconciled}"
         counters = (meta or {}).get("counters", {})
         self.examples = counters.get("examples", 0)
-        for name in ("joined", "negatives", "dropped_negatives", "late", "orphans", "unmatched"):
+        for name in COUNTERS:
             setattr(self.joiner, name, counters.get(name, 0))
         self.emitted_rows = 0
         self.emitted_records = 0
@@ -303,10 +308,7 @@ class OnlineTrainer:
                 log.info("trainer stopped: snapshot and checkpoint at delta_seq %d", seq)
 
     def counters(self) -> dict:
-        j = self.joiner
-        return {"examples": self.examples, "joined": j.joined, "negatives": j.negatives,
-                "dropped_negatives": j.dropped_negatives, "late": j.late, "orphans": j.orphans,
-                "unmatched": j.unmatched}
+        return {"examples": self.examples, **self.joiner.counters()}
 
     def publish(self) -> int:
         if not self.guard.emitting:
@@ -359,11 +361,15 @@ class OnlineTrainer:
         last = self._last_stats
         self._last_stats = (self.examples, self.emitted_rows)
         log.info("%.0f examples/s, loss %.4f, prequential AUC %.4f, %.0f emitted rows/s; totals: examples %d, "
-                 "emitted rows %d (%d records), joined %d, negatives %d, late %d, buffered %d",
+                 "emitted rows %d (%d records), joined %d, negatives %d, late %d, buffered %d (%.1f of %.0f MB), "
+                 "duplicates %d, ambiguous %d, refused labels %d, shed impressions %d, shed actions %d",
                  (self.examples - last[0]) / interval_s,
                  float(np.mean(self._losses)) if self._losses else float("nan"), self.prequential_auc(),
                  (self.emitted_rows - last[1]) / interval_s, self.examples, self.emitted_rows,
-                 self.emitted_records, j.joined, j.negatives, j.late, j.buffered)
+                 self.emitted_records, j.joined, j.negatives, j.late, j.buffered, j.buffer_bytes / 2**20,
+                 j.max_buffer_bytes / 2**20, j.duplicates, j.ambiguous, j.refused_labels, j.shed_impressions,
+                 j.shed_actions)
+        write_joiner_metrics(self.data_dir, j)
         log.info("%s", self.guard.describe())
         self.guard.write_state()
 

@@ -6,6 +6,7 @@ import time
 
 
 from tests.logs import write_action, write_feature
+from tests.waiting import wait_until
 from server.client import RankerClient
 from server.features import shipped_schema
 from server.launcher import TritonServer
@@ -22,9 +23,14 @@ def test_positive_feedback_raises_the_items_score_within_seconds(tmp_path):
         # A fresh model at the online default rate (0.05) moves a cold item's
         # score only in the fourth decimal; the batch rate makes the rise
         # unmistakable. The mechanism under test is the same either way (the
-        # freshness load test runs the defaults).
-        trainer = OnlineTrainer(SCHEMA, data, OnlineConfig(sync_interval_s=0.2, window_s=2.0, negative_rate=1.0,
-                                                           max_batch_delay_s=0.01, lr_sparse=0.5))
+        # freshness load test runs the defaults). Every probe below is an
+        # impression of its own (issue 20: the reused request_id no longer
+        # merges them) whose candidates, item 0 included, would become sampled
+        # negatives: so no sampling (rate 0), and each burst labels its
+        # candidates explicitly (item 0 clicked, the others not), trained one
+        # request per step (batch_size 5) as the closing windows did.
+        trainer = OnlineTrainer(SCHEMA, data, OnlineConfig(sync_interval_s=0.2, window_s=2.0, negative_rate=0.0,
+                                                           max_batch_delay_s=0.01, lr_sparse=0.5, batch_size=5))
         stop = threading.Event()
         thread = threading.Thread(target=trainer.run, args=(stop,))
         thread.start()
@@ -36,7 +42,7 @@ def test_positive_feedback_raises_the_items_score_within_seconds(tmp_path):
             for k in range(40):
                 rid = f"burst-{k}".encode()
                 client.rank(user, items, request_id=rid)
-                client.feedback(rid, items[:1, 0], [1.0])
+                client.feedback(rid, items[:, 0], [1.0, 0.0, 0.0, 0.0, 0.0])
             deadline = clicked_at + 10.0
             while True:
                 scores, seq = client.rank(user, items, request_id=b"probe")
@@ -47,14 +53,14 @@ def test_positive_feedback_raises_the_items_score_within_seconds(tmp_path):
             print(f"score of the clicked item {before[0]:.3f} -> {scores[0]:.3f} at seq {seq}, "
                   f"{time.monotonic() - clicked_at:.2f} s after the first click")
             assert scores[0] > scores[1:].max(), "the clicked item should now rank first"
-            while trainer.joiner.joined < 40:  # the last clicks may still be on their way
-                assert time.monotonic() < deadline, f"only {trainer.joiner.joined} of 40 clicks joined"
+            while trainer.joiner.joined < 200:  # the last clicks may still be on their way
+                assert time.monotonic() < deadline, f"only {trainer.joiner.joined} of 200 labels joined"
                 time.sleep(0.05)
         finally:
             stop.set()
             thread.join()
             trainer.close()
-    assert trainer.joiner.joined >= 40
+    assert trainer.joiner.joined >= 200
 
 
 
@@ -98,7 +104,17 @@ def test_kill_9_trainer_mid_run_loses_no_joined_example(tmp_path):
     trainer.wait()
     trainer = start()
     writer.join()
-    time.sleep(3.0)  # every window (1 s) closes and is trained
+
+    def checkpointed_examples() -> int:  # of the newest checkpoint (written every 0.3 s), -1 while in flux
+        try:
+            newest = sorted(p for p in (data / "trainer").iterdir() if p.name.startswith("0"))[-1]
+            return json.loads((newest / "meta.json").read_text())["counters"]["examples"]
+        except (OSError, IndexError, ValueError, KeyError):
+            return -1
+
+    # every window (1 s) closes and is trained; waiting on the trainer's own checkpoints, not a clock
+    wait_until(lambda: checkpointed_examples() >= requests * candidates, "every impression trained",
+               timeout_s=120)
     trainer.send_signal(signal.SIGTERM)
     _, err = trainer.communicate(timeout=60)
     assert trainer.returncode == 0, err[-2000:]

@@ -49,3 +49,29 @@ def test_parse_rejects_before_scoring():
         parse_rank_request({**base, "request_id": np.array([b"a", b"b"], dtype=object)}, SCHEMA, 1.0)
     with pytest.raises(RequestError, match="'timestamp' requires dtype float64"):
         parse_rank_request({**base, "timestamp": np.array([1], np.int64)}, SCHEMA, 1.0)
+
+
+def test_impression_ids_are_unique_hex_and_logged_with_the_features(tmp_path):
+    from server.ranker import IMPRESSION_ID_BYTES, new_impression_ids, parse_impression_id
+    from server.streams import SegmentLogReader
+    from server.streams.records import FeatureRecord
+
+    ids = new_impression_ids(10_000)
+    assert len(set(ids)) == 10_000 and all(len(i) == IMPRESSION_ID_BYTES for i in ids)
+    assert all(parse_impression_id(np.array([i], dtype=object)) == i for i in ids[:100])
+    assert parse_impression_id(None) == b""
+    for bad in (b"", b"A" * 32, b"g" * 32, ids[0][:-1], ids[0] + b"0", "é" * 32):
+        with pytest.raises(RequestError, match="impression_id"):
+            parse_impression_id(np.array([bad], dtype=object))
+    runtime = RankerRuntime(SCHEMA, tmp_path, "t", apply_deltas=False)
+    try:
+        user, items = SCHEMA.encode_request({"user_id": 1}, [{"item_id": 1}, {"item_id": 2}])
+        request = RankRequest(b"same", 1.0, user, items)
+        (scores,), seq = runtime.score([request])
+        for iid in ids[:2]:
+            assert runtime.log_scored(request, scores, seq, iid)
+    finally:
+        runtime.close(snapshot=False)
+    with SegmentLogReader(tmp_path / "feature_log" / "t") as reader:
+        logged = [FeatureRecord.decode(p) for _, p in reader.read()]
+    assert [(r.request_id, r.impression_id) for r in logged] == [(b"same", ids[0]), (b"same", ids[1])]

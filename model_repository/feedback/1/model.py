@@ -1,15 +1,17 @@
 """Triton adapter for feedback intake: validate, append durably (one fsync per batch), acknowledge."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from server import triton_adapter as triton
+from server.features import load_schema
 from server.feedback import FeedbackRuntime, parse_feedback_request
 from server.ranker import RequestError, now_s
 
-INPUTS = ("request_id", "item_fids", "labels", "event_time")
+INPUTS = ("request_id", "impression_id", "item_fids", "labels", "event_time")
 METRICS_INTERVAL_S = 1.0
 
 
@@ -19,6 +21,13 @@ class TritonPythonModel:
         params = triton.model_parameters(args)
         # max_batch_size > 0 (shipped): Triton batches concurrent requests, each with a batch dim of 1.
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
+        # The ranker's schema (one source of truth) declares the labels feedback may carry.
+        schema_path = Path(args["model_repository"]) / params.get("feature_schema", "../ranker/feature_schema.json")
+        try:
+            schema = load_schema(schema_path)
+        except (OSError, ValueError) as exc:
+            raise pb_utils.TritonModelException(f"feedback: {exc}") from exc
+        self.label_range = (schema.label_min, schema.label_max)
         self.runtime = FeedbackRuntime(triton.data_dir(params), args["model_instance_name"])
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.m_written = triton.Counter("monolith_feedback_log_written_total", "Feedback log records written", **labels)
@@ -32,7 +41,8 @@ class TritonPythonModel:
         parsed = []
         for i, request in enumerate(requests):
             try:
-                parsed.append((i, parse_feedback_request(triton.inputs(request, INPUTS, self.batched), now_s())))
+                parsed.append((i, parse_feedback_request(triton.inputs(request, INPUTS, self.batched), now_s(),
+                                                         label_range=self.label_range)))
             except (RequestError, ValueError) as exc:
                 self.runtime.rejected += 1
                 responses[i] = triton.error_response(f"feedback: {exc}")

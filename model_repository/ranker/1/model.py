@@ -9,7 +9,8 @@ import triton_python_backend_utils as pb_utils
 
 from server import triton_adapter as triton
 from server.features import load_schema
-from server.ranker import RankerRuntime, RequestError, limit_compute_threads, now_s, parse_rank_request
+from server.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
+                           parse_rank_request)
 from server.shared_ranker import SharedRankerRuntime
 
 INPUTS = ("user_fids", "item_fids", "request_id", "timestamp")
@@ -95,11 +96,12 @@ class TritonPythonModel:
                 self.scored += len(parsed)
                 seq_array = np.array([seq], dtype=np.int64)
                 seq_tensor = pb_utils.Tensor("delta_seq", seq_array[None] if self.batched else seq_array)
-                for (i, request), s in zip(parsed, scores):
-                    self.runtime.log_scored(request, s, seq)
-                    responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor("scores", s[None] if self.batched else s), seq_tensor]
-                    )
+                for (i, request), s, iid in zip(parsed, scores, new_impression_ids(len(parsed))):
+                    self.runtime.log_scored(request, s, seq, iid)
+                    iid_array = np.array([[iid]] if self.batched else [iid], dtype=np.object_)
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("scores", s[None] if self.batched else s), seq_tensor,
+                        pb_utils.Tensor("impression_id", iid_array)])
         return responses
 
     def _update_metrics(self):
