@@ -1,28 +1,30 @@
 """The ``monolith-rt`` command: one entry point; each package registers its own subcommands.
 
-    server/cli.py    main, ``serve``, ``bench table``, and the helpers every package's commands share
+    server/cli.py    main, ``serve``, ``bench table|scoring``, and the helpers every package's commands share
     trainer/cli.py   ``train batch|online``, ``experiment``, ``bench train``
-    updater/cli.py   ``deltas inspect|verify|produce``, ``bench apply``
-    loadtest/cli.py  ``demo``, ``loadtest latency|soak|freshness``, ``bench serving|batching|feedback|recovery``
+    updater/cli.py   ``deltas ...``, ``bench apply``
+    loadtest/cli.py  ``demo``, ``loadtest ...``, ``bench serving|batching|feedback|recovery|instances``
 
 A package's cli module defines ``add_commands(commands, bench)`` (the top-level and the ``bench``
 subparsers) and imports its job's modules only inside the handler, so ``--help`` is instant and a
-job pulls in only what it needs. The serving package imports the others' cli modules by name, at
-``main`` only.
+job pulls in only what it needs. ``main`` finds them through the entry-point group
+``monolith_rt.commands`` (pyproject.toml), so this lowest package never imports the ones above it:
+they import its helpers, not the other way round.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from importlib.metadata import entry_points
 from typing import Callable
 
 import orjson
 
 from server.streams.bus_options import add_bus_options
 
-COMMAND_MODULES = ("trainer.cli", "updater.cli", "loadtest.cli")
+COMMAND_GROUP = "monolith_rt.commands"
+COMMAND_ORDER = ("server", "trainer", "updater", "loadtest")  # the order of their commands in --help
 
 
 def positive_int(text: str) -> int:
@@ -126,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time recommendation ranking on Triton with a collisionless embedding table.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = commands.add_parser("bench", help="micro-benchmarks, each against its baseline in the same run")
+    bench = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    registered = {entry.name: entry for entry in entry_points(group=COMMAND_GROUP)}
+    if "server" not in registered:
+        raise SystemExit(f"monolith-rt: no commands registered under the entry-point group {COMMAND_GROUP!r}: "
+                         "the package is not installed (pip install -e . from the repository)")
+    for name in sorted(registered, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else 99, n)):
+        registered[name].load()(commands, bench)
+    return parser
+
+
+def add_commands(commands, bench) -> None:
+    """``serve`` and ``bench table|scoring``."""
     serve = commands.add_parser(
         "serve",
         help="run tritonserver behind validating HTTP/gRPC fronts, restarting it if it dies",
@@ -176,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bus_options(serve)
     serve.set_defaults(run=_run_serve)
 
-    bench = commands.add_parser("bench", help="micro-benchmarks, each against its baseline in the same run")
-    bench = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
     table = bench.add_parser(
         "table",
         help="embedding table lookups/inserts vs a Python dict",
@@ -204,10 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     scoring.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     scoring.set_defaults(run=_run_bench_scoring)
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(commands, bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
