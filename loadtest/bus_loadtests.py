@@ -65,11 +65,11 @@ def run_bus_freshness(replicas: int, probes: int, timeout_s: float, sync_interva
 
 def run_bus_latency(schema: FeatureSchema, concurrency: int | None, rate: float | None, duration_s: float,
                     warmup_s: float, rounds: int, candidates: int, seed: int, protocol: str = "grpc") -> dict:
-    from loadtest.latency import _populate, _requests, _window  # one definition of the load and the data
+    from loadtest.latency import _requests, _window, populate_snapshot  # one definition of the load and the data
 
     requests = _requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
-    prepare = _populate(schema, requests, seed)
+    prepare = populate_snapshot(schema, requests, seed)
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="monolith-bus-latency-")))
         bus = stack.enter_context(spawn_bus_stack(root, replicas=0, trainer=False))

@@ -1,4 +1,4 @@
-"""``monolith-rt demo``, ``loadtest latency|soak|freshness`` and ``bench serving|batching|feedback|recovery``."""
+"""``monolith-rt demo``, ``loadtest latency|mlperf|soak|freshness`` and ``bench serving|batching|feedback|recovery``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,42 @@ def add_commands(commands, bench) -> None:
                          "ratio (about 1.5 minutes at --duration-s 30; ignores --url/--spawn) (default local)")
     add_api_key_option(latency)
     latency.set_defaults(run=_run_latency)
+
+    mlperf = loadtests.add_parser(
+        "mlperf", help="MLPerf Inference LoadGen (Server or Offline scenario) against the running server",
+        description="Runs MLPerf Inference's LoadGen with a system-under-test that sends each query as a ranking "
+        "request (a MovieLens replay request, --candidates candidates) through the front, asynchronously, and "
+        "keeps LoadGen's logs (mlperf_log_summary.txt with its VALID/INVALID verdict, mlperf_log_detail.txt) in "
+        "--report/RUN/MODEL/. Prints one JSON line.")
+    target = mlperf.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", default=None, help="host:port of a running server's front")
+    target.add_argument("--spawn", action="store_true", help="start a server on free loopback ports")
+    mlperf.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
+    mlperf.add_argument("--scenario", choices=("server", "offline"), default="server", help="default server")
+    mlperf.add_argument("--target-qps", type=float, default=50.0,
+                        help="server: Poisson arrival rate (with --find-peak: where the search starts); offline: "
+                        "the expected QPS that sizes LoadGen's one query (default 50)")
+    mlperf.add_argument("--p99-ms", type=float, default=60.0,
+                        help="server: the latency bound at the 99th percentile (default 60, as MLPerf's DLRM-v2)")
+    mlperf.add_argument("--min-duration-s", type=float, default=600.0,
+                        help="LoadGen's minimum run length (default 600 as in MLPerf; shorter for a quick look; "
+                        "--find-peak runs this long at every step)")
+    mlperf.add_argument("--find-peak", action="store_true",
+                        help="LoadGen's FindPeakPerformance mode: the highest integer Server QPS that is VALID")
+    mlperf.add_argument("--candidates", type=positive_int, default=100, help="candidates per request (default 100)")
+    mlperf.add_argument("--baseline", action="store_true",
+                        help="then the same run against the trivial baseline model, and the ratios")
+    mlperf.add_argument("--max-in-flight", type=positive_int, default=64,
+                        help="requests the SUT has out at once (default 64)")
+    mlperf.add_argument("--performance-samples", type=positive_int, default=2048,
+                        help="replay requests LoadGen loads and draws queries from (default 2048)")
+    mlperf.add_argument("--report", default="reports/mlperf", help="log root (default reports/mlperf)")
+    mlperf.add_argument("--run", dest="run_name", default=None,
+                        help="folder under --report (default: UTC time + scenario)")
+    mlperf.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_dataset_option(mlperf, "The replay is the held-out last 20%% of the ratings.")
+    add_api_key_option(mlperf)
+    mlperf.set_defaults(run=_run_mlperf)
 
     soak = loadtests.add_parser(
         "soak", help="minutes of requests + feedback + training + expiry; leaks, errors, drift",
@@ -260,6 +296,21 @@ def _run_latency(args: argparse.Namespace) -> int:
     result.pop("_timelines", None)
     emit(result, args.json, format_report)
     return 0
+
+
+def _run_mlperf(args: argparse.Namespace) -> int:
+    from loadtest.mlperf import MlperfConfig, format_summary_line, run_mlperf
+
+    config = MlperfConfig(
+        url=None if args.spawn else args.url, protocol=args.protocol, scenario=args.scenario,
+        target_qps=args.target_qps, p99_ms=args.p99_ms, min_duration_s=args.min_duration_s, find_peak=args.find_peak,
+        candidates=args.candidates, baseline=args.baseline, max_in_flight=args.max_in_flight,
+        performance_samples=args.performance_samples, dataset=args.dataset, report_dir=args.report,
+        run=args.run_name, seed=args.seed, api_key=api_key(args))
+    result = run_mlperf(schema(), config)
+    print(format_summary_line(result), file=sys.stderr, flush=True)
+    emit(result, True, key_values)
+    return 0 if result["errors"] == 0 and result.get("baseline", {}).get("errors", 0) == 0 else 1
 
 
 def _run_bench_feedback(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ _SNAPSHOT_EXTRA_ROWS = 200_000
 _NEW_FID_SHARE = 0.5
 
 
-def _populate(schema: FeatureSchema, requests, seed: int):
+def populate_snapshot(schema: FeatureSchema, requests, seed: int):
     """prepare(data_dir): a serving snapshot with a row for every requested FID and some more."""
     def prepare(data_dir: Path) -> None:
         from server.dense import build_dense
@@ -231,7 +231,7 @@ def run_latency(schema: FeatureSchema, config: LatencyConfig) -> dict:
     requests = _requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
-        target = target_url(stack, url, protocol, "latency", prepare=_populate(schema, requests, seed))
+        target = target_url(stack, url, protocol, "latency", prepare=populate_snapshot(schema, requests, seed))
         url, data_dir, metrics_url = target.url, target.data_dir or data_dir, target.metrics_url or metrics_url
         producer = None
         if with_updates:
