@@ -92,11 +92,13 @@ def test_retried_feedback_trains_once(tmp_path):
         features.append(impression(0, 3, b"r-a", a).encode())
         features.append(impression(1, 3, b"r-b", b).encode())
         features.append(impression(2, 3, b"r-c").encode())  # no impression id: joined by its unique request_id
+        features.append(impression(0, 3, b"r-a", a).encode())  # the same impression logged twice: held once
         for _ in range(3):
             feedback.append(action(b"r-a", 0, a).encode())
             feedback.append(action(b"r-c", 2000).encode())
         out = joiner.poll(now_s=1.0)
         assert sorted(out.labels) == [1.0, 1.0, 1.0] and joiner.joined == 3 and joiner.duplicates == 5
+        assert joiner.buffered == 3 and joiner.duplicate_impressions == 1
         feedback.append(action(b"r-a", 0, a, label=0.0).encode())  # a later action on the same candidate
         assert len(joiner.poll(now_s=2.0)) == 0 and joiner.duplicates == 6
         closed = joiner.poll(now_s=20.0)
