@@ -24,19 +24,21 @@ from server.features import FeatureSchema
 _POLL_S = 0.005
 
 
-def probe_once(client: RankerClient, schema: FeatureSchema, k: int, timeout_s: float, tag: str = "fresh") -> float | None:
-    """Seconds from accepted feedback to a response reflecting it, or None."""
+def probe_once(client: RankerClient, schema: FeatureSchema, k: int, timeout_s: float, tag: str = "fresh",
+               timestamp_s: float | None = None) -> float | None:
+    """Seconds from accepted feedback to a response reflecting it, or None. ``timestamp_s``: the time its
+    ranking requests carry, for a replay on a clock of its own (default: the server's)."""
     # Only FIDs of its own (no shared hour or genre rows), so only its own
     # feedback can change its score (dense weights move once per dense interval).
     user, items = schema.encode_request({"user_id": f"{tag}-user-{k}-{int(time.time() * 1e6)}"},
                                         [{"item_id": f"{tag}-item-{k}-{int(time.time() * 1e6)}"}])
-    before, _ = client.rank(user, items, request_id=f"{tag}-{k}-0".encode())
+    before, _ = client.rank(user, items, request_id=f"{tag}-{k}-0".encode(), timestamp_s=timestamp_s)
     rid = f"{tag}-{k}".encode()
-    _, seq_at_feedback = client.rank(user, items, request_id=rid)
+    _, seq_at_feedback = client.rank(user, items, request_id=rid, timestamp_s=timestamp_s)
     client.feedback(rid, items[:1, 0], [1.0])
     accepted = time.monotonic()
     while time.monotonic() - accepted < timeout_s:
-        scores, seq = client.rank(user, items, request_id=f"{tag}-{k}-poll".encode())
+        scores, seq = client.rank(user, items, request_id=f"{tag}-{k}-poll".encode(), timestamp_s=timestamp_s)
         if seq > seq_at_feedback and scores[0] != before[0]:
             return time.monotonic() - accepted
         time.sleep(_POLL_S)

@@ -100,9 +100,13 @@ def run_soak(schema: FeatureSchema, minutes: float, clients: int = 2, sample_s: 
     with tempfile.TemporaryDirectory(prefix="monolith-soak-") as tmp, \
             _environment(MONOLITH_SEGMENT_BYTES=str(_SEGMENT_BYTES)):
         tmp = data_dir or tmp
+        # A simulated clock (a day per second, from 2023 on): the server's time window is open both ways
+        # and the trainer's clock may pass its own (server.clock); each 5 s expiry pass removes about an
+        # eighth of a table that turns over every ~40 s, under the expiry breaker's 20%.
         with spawn_stack(tmp, window_s=2.0, negative_rate=0.2,
                          trainer_args=("--expiry-interval-s", "5", "--snapshot-interval-s", str(_SNAPSHOT_S),
-                                       "--log-retention-s", str(_LOG_RETENTION_S))) as (server, trainer):
+                                       "--log-retention-s", str(_LOG_RETENTION_S), "--max-time-ahead-s", "inf"),
+                         serve_args=("--max-time-ahead-s", "inf", "--max-time-behind-s", "inf")) as (server, trainer):
             wait_trainer_ready(server.data_dir, trainer)
             disk_at_start = disk_bytes(server.data_dir)
             started = time.monotonic()
@@ -149,7 +153,8 @@ def run_soak(schema: FeatureSchema, minutes: float, clients: int = 2, sample_s: 
                     k = 0
                     while time.monotonic() - started < duration_s:
                         time.sleep(max(0.0, min(sample_s, duration_s - (time.monotonic() - started))))
-                        fresh = probe_once(probe_client, schema, k, timeout_s=10.0, tag="soak-probe")
+                        fresh = probe_once(probe_client, schema, k, timeout_s=10.0, tag="soak-probe",
+                                           timestamp_s=sim_start + (time.monotonic() - started) * _SIM_SECONDS_PER_S)
                         k += 1
                         with lock:
                             p99 = window_hist.percentile_ms(99) if window_hist.count else None

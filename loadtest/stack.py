@@ -17,13 +17,14 @@ from server.supervisor import ServeProcess
 
 @contextmanager
 def spawn_stack(data_dir: str | Path, sync_interval_ms: float = 200.0, window_s: float = 30.0,
-                negative_rate: float = 0.1, trainer: bool = True, trainer_args: tuple[str, ...] = ()):
+                negative_rate: float = 0.1, trainer: bool = True, trainer_args: tuple[str, ...] = (),
+                serve_args: tuple[str, ...] = ()):
     """Yields (server, trainer_process or None); stops both on exit (the
     trainer with SIGTERM, so it writes its snapshot and checkpoint)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     process = None
-    with ServeProcess(data_dir) as server:
+    with ServeProcess(data_dir, list(serve_args)) as server:
         if trainer:
             log = open(data_dir / "logs" / "trainer.log", "ab")
             process = subprocess.Popen(

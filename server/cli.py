@@ -88,9 +88,11 @@ def port(text: str) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     import uvloop
 
+    from server.clock import TimeWindow
     from server.front import ApiKeyError, FrontLimits, api_key_file_from
     from server.launcher import DEFAULT_MODEL_REPOSITORY, DataDirInUse, TritonStartError
     from server.streams.bus import BusError
@@ -100,6 +102,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         configure_bus(args, "replica")  # the models find it in the environment
+        os.environ.update(TimeWindow(args.max_time_ahead_s, args.max_time_behind_s).to_env())  # so does this
         config = ServeConfig(
             data_dir=args.data_dir, model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY,
             host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -174,6 +177,13 @@ def add_commands(commands, bench) -> None:
     serve.add_argument("--read-timeout-s", type=float, default=30.0,
                        help="an HTTP request must arrive whole within this many seconds of its first byte, else "
                        "408 and the connection closes (default 30)")
+    serve.add_argument("--max-time-ahead-s", type=float, default=300.0,
+                       help="a ranking request's 'timestamp' or a feedback's 'event_time' more than this far ahead "
+                       "of the server's clock is refused (default 300; inf: no limit). Absent, the server's receive "
+                       "time is used")
+    serve.add_argument("--max-time-behind-s", type=float, default=86400.0,
+                       help="... and more than this far behind it (default 86400; inf: no limit, for replays of "
+                       "recorded times such as the demo)")
     serve.add_argument("--grpc-direct", action="store_true",
                        help="expose tritonserver's own gRPC port instead of the gRPC front: about 0.5 ms faster per "
                        "request, for trusted callers only (Triton then accepts messages up to 2 GiB, and API keys "

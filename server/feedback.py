@@ -20,7 +20,8 @@ from typing import Mapping
 import numpy as np
 
 from server.features import PAD_FID
-from server.ranker import RequestError, _expect, parse_impression_id, parse_request_id, parse_time
+from server.clock import TimeWindow
+from server.ranker import DEFAULT_WINDOW, RequestError, _expect, parse_impression_id, parse_request_id, parse_time
 from server.streams.records import FeedbackRecord
 from server.streams import FEEDBACK, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.table import EMPTY_KEY
@@ -30,7 +31,10 @@ FEEDBACK_LOG_QUEUE = 10_000
 
 
 def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float, *,
+                           window: TimeWindow = DEFAULT_WINDOW,
                            label_range: tuple[float, float] = (0.0, 1.0)) -> FeedbackRecord:
+    """One feedback request; an ``event_time`` outside ``window`` around ``now_s`` (the server's receive
+    time) is refused (server.clock)."""
     request_id = parse_request_id(inputs.get("request_id"))
     impression_id = parse_impression_id(inputs.get("impression_id"))
     items = _expect("item_fids", inputs.get("item_fids"), np.uint64, 1)
@@ -48,7 +52,7 @@ def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float
     if np.any(outside):
         raise RequestError(f"input 'labels' requires values in [{low:g}, {high:g}] (the feature schema's "
                            f"\"labels\"), got {float(labels[outside][0]):g}")
-    event_time = parse_time("event_time", inputs.get("event_time"), now_s)
+    event_time = parse_time("event_time", inputs.get("event_time"), now_s, window)
     return FeedbackRecord(request_id, event_time, now_s, items.copy(), labels.copy(), impression_id)
 
 

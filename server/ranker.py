@@ -33,6 +33,7 @@ import numpy as np
 import threadpoolctl
 import torch
 
+from server.clock import FLAGS, TimeWindow
 from server.dense import build_dense
 from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
 from server.scoring import DeepFMScorer
@@ -52,6 +53,9 @@ FEATURE_LOG_LINGER_S = 0.02  # one append run + fsync per 20 ms under load, not 
 EMPTY_KEY_U64 = np.uint64(EMPTY_KEY)
 SHIFT_U64 = np.uint64(SIGNATURE_BITS)
 PAD_U64 = np.uint64(PAD_FID)
+
+
+DEFAULT_WINDOW = TimeWindow()
 
 
 class RequestError(ValueError):
@@ -122,8 +126,10 @@ def _check_fids(name: str, fids: np.ndarray, column_slots: np.ndarray) -> None:
     )
 
 
-def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureSchema, now_s: float) -> RankRequest:
-    """Validates one request's tensors (name -> array, None if absent)."""
+def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureSchema, now_s: float,
+                       window: TimeWindow = DEFAULT_WINDOW) -> RankRequest:
+    """Validates one request's tensors (name -> array, None if absent); ``now_s`` is the server's receive
+    time, and a client's ``timestamp`` outside ``window`` around it is refused (server.clock)."""
     user = _expect("user_fids", inputs.get("user_fids"), np.uint64, 1)
     if user.shape[0] != schema.user_width:
         raise RequestError(f"input 'user_fids' requires {schema.user_width} FIDs (user and context slots "
@@ -137,7 +143,7 @@ def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureS
     _check_fids("user_fids", user, schema.user_column_slots)
     _check_fids("item_fids", items, schema.item_column_slots)
     request_id = parse_request_id(inputs.get("request_id"))
-    request_time = parse_time("timestamp", inputs.get("timestamp"), now_s)
+    request_time = parse_time("timestamp", inputs.get("timestamp"), now_s, window)
     return RankRequest(request_id, request_time, user, items)
 
 
@@ -186,16 +192,22 @@ def parse_impression_id(value: np.ndarray | None) -> bytes:
     return iid
 
 
-def parse_time(name: str, value: np.ndarray | None, default_s: float) -> float:
-    """An optional FP64 [1] time in Unix seconds."""
+def parse_time(name: str, value: np.ndarray | None, now_s: float, window: TimeWindow = DEFAULT_WINDOW) -> float:
+    """An optional FP64 [1] time in Unix seconds: ``now_s`` (the server's receive time) when absent,
+    refused when outside ``window`` around ``now_s``."""
     if value is None:
-        return default_s
+        return now_s
     value = _expect(name, value, np.float64, 1)
     if value.shape[0] != 1:
         raise RequestError(f"input '{name}' requires shape [1], got {list(value.shape)}")
     t = float(value[0])
     if not math.isfinite(t) or t <= 0:
         raise RequestError(f"input '{name}' requires a finite time > 0 (Unix seconds), got {t}")
+    outside = window.refusal(t, now_s)
+    if outside is not None:
+        raise RequestError(f"input '{name}' requires a time within {window.describe()} the server's clock "
+                           f"({now_s:.3f}), got {t:.3f} ({outside} it); omit it to use the server's receive "
+                           f"time, or widen monolith-rt serve {FLAGS['ahead_s']} / {FLAGS['behind_s']}")
     return t
 
 

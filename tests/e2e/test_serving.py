@@ -109,6 +109,10 @@ BAD_RANK_REQUESTS = [
     ("request_id too long", _with(request_id=np.array([b"x" * 300], dtype=np.object_)), "1 to 256 bytes, got 300"),
     ("empty request_id", _with(request_id=np.array([b""], dtype=np.object_)), "1 to 256 bytes, got 0"),
     ("nan timestamp", {**_good(), "timestamp": np.array([np.nan])}, "finite time"),
+    ("timestamp a month ahead", {**_good(), "timestamp": np.array([time.time() + 40 * 86400.0])},
+     "'timestamp' requires a time within 300 s ahead of and 86400 s behind the server's clock"),
+    ("timestamp a year behind", {**_good(), "timestamp": np.array([time.time() - 365 * 86400.0])},
+     "365.0 days behind it"),
 ]
 
 
@@ -123,11 +127,12 @@ def test_bad_requests_get_clear_errors_and_serving_continues(client, name, tenso
 def test_feature_log_records_scored_requests(server, client):
     user, items = request_for(11, range(7))
     rid = f"flog-{client.protocol}".encode()
-    scores, seq = client.rank(user, items, request_id=rid, timestamp_s=1_700_000_000.5)
+    stamp = float(int(time.time()) - 3600) + 0.5  # a client's own time, within the window (server.clock)
+    scores, seq = client.rank(user, items, request_id=rid, timestamp_s=stamp)
     mine = read_log(server.data_dir / "feature_log", FeatureRecord.decode, rid)
     assert len(mine) == 1
     record = mine[0]
-    assert record.request_time_s == 1_700_000_000.5 and record.delta_seq == seq
+    assert record.request_time_s == stamp and record.delta_seq == seq
     np.testing.assert_array_equal(record.user_fids, user)
     np.testing.assert_array_equal(record.item_fids, items)
     np.testing.assert_array_equal(record.scores, scores)
@@ -136,13 +141,14 @@ def test_feature_log_records_scored_requests(server, client):
 def test_feedback_is_durable_before_ack(server, client):
     rid = f"fb-{client.protocol}".encode()
     item_fids = np.array([fid(10, 4), fid(10, 5)], dtype=np.uint64)
-    assert client.feedback(rid, item_fids, [1.0, 0.0], event_time_s=1_700_000_100.0) == 2
+    event_time = float(int(time.time()) - 600)
+    assert client.feedback(rid, item_fids, [1.0, 0.0], event_time_s=event_time) == 2
     # Acknowledged means appended and synced: the record is readable right now, no polling.
     mine = read_log(server.data_dir / "feedback_log", FeedbackRecord.decode, rid, timeout_s=0)
     assert len(mine) == 1
     assert mine[0].item_fids.tolist() == item_fids.tolist()
     assert mine[0].labels.tolist() == [1.0, 0.0]
-    assert mine[0].event_time_s == 1_700_000_100.0 and mine[0].accepted_time_s > 1_700_000_100.0
+    assert mine[0].event_time_s == event_time and mine[0].accepted_time_s > event_time
 
 
 def test_concurrent_feedback_shares_fsyncs_and_is_durable_when_acked(server):
@@ -187,6 +193,9 @@ def test_concurrent_feedback_shares_fsyncs_and_is_durable_when_acked(server):
           "labels": np.array([[np.inf]], np.float32)}, "finite"),
         ({"request_id": np.array([b"r"], np.object_), "item_fids": np.array([5], np.uint64),
           "labels": np.array([1.0], np.float32)}, "batch"),
+        ({"request_id": np.array([[b"r"]], np.object_), "item_fids": np.array([[5]], np.uint64),
+          "labels": np.array([[1.0]], np.float32), "event_time": np.array([[time.time() + 40 * 86400.0]])},
+         "'event_time' requires a time within 300 s ahead of"),
     ],
 )
 def test_bad_feedback_is_refused(client, tensors, message):

@@ -7,6 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from server import triton_adapter as triton
+from server.clock import TimeWindow
 from server.features import load_schema
 from server.feedback import FeedbackRuntime, parse_feedback_request
 from server.ranker import RequestError, now_s
@@ -21,6 +22,10 @@ class TritonPythonModel:
         params = triton.model_parameters(args)
         # max_batch_size > 0 (shipped): Triton batches concurrent requests, each with a batch dim of 1.
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
+        try:
+            self.time_window = TimeWindow.from_settings(params)  # a client's event_time is refused outside it
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"feedback: {exc}") from exc
         # The ranker's schema (one source of truth) declares the labels feedback may carry.
         schema_path = Path(args["model_repository"]) / params.get("feature_schema", "../ranker/feature_schema.json")
         try:
@@ -42,7 +47,7 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 parsed.append((i, parse_feedback_request(triton.inputs(request, INPUTS, self.batched), now_s(),
-                                                         label_range=self.label_range)))
+                                                         window=self.time_window, label_range=self.label_range)))
             except (RequestError, ValueError) as exc:
                 self.runtime.rejected += 1
                 responses[i] = triton.error_response(f"feedback: {exc}")

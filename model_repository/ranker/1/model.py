@@ -8,6 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from server import triton_adapter as triton
+from server.clock import TimeWindow
 from server.features import load_schema
 from server.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
                            parse_rank_request)
@@ -27,6 +28,7 @@ class TritonPythonModel:
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
         try:
             limit_compute_threads(params.get("compute_threads", "1"))
+            self.time_window = TimeWindow.from_settings(params)  # a client's timestamp is refused outside it
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"ranker: {exc}") from exc
         schema_path = Path(args["model_repository"]) / params.get("feature_schema", "feature_schema.json")
@@ -81,7 +83,7 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 tensors = triton.inputs(request, INPUTS, self.batched)
-                parsed.append((i, parse_rank_request(tensors, self.runtime.schema, now)))
+                parsed.append((i, parse_rank_request(tensors, self.runtime.schema, now, self.time_window)))
             except (RequestError, ValueError) as exc:
                 self.runtime.rejected["invalid"] += 1
                 responses[i] = triton.error_response(f"ranker: {exc}")
