@@ -49,6 +49,12 @@ def add_commands(commands, bench) -> None:
     online.add_argument("--window-s", type=float, default=30.0, help="join window in seconds (default 30)")
     online.add_argument("--expiry-interval-s", type=float, default=60.0,
                         help="seconds between per-slot TTL sweeps (default 60)")
+    online.add_argument("--max-time-ahead-s", type=float, default=300.0,
+                        help="training and expiry times never run past this host's clock + this, whatever the "
+                        "logs say (default 300, as serve's window)")
+    online.add_argument("--max-expiry-share", type=float, default=0.2,
+                        help="an expiry pass that would remove more than this share of the table is not carried "
+                        "out: emission holds until `monolith-rt deltas resume` (default 0.2; 1: no breaker)")
     online.add_argument("--join-buffer-mb", type=positive_int, default=512,
                         help="the join buffer's memory limit in MiB; past it the oldest entries are shed and "
                         "counted (monolith_joiner_total{counter=\"shed_*\"} in <data-dir>/joiner/metrics.prom; "
@@ -149,6 +155,7 @@ def _run_online(args: argparse.Namespace) -> int:
                           window_s=args.window_s, negative_rate=args.negative_rate, lr_sparse=args.lr_sparse,
                           lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s,
                           log_retention_s=args.log_retention_s, guard=not args.no_guard,
+                          max_time_ahead_s=args.max_time_ahead_s, max_expiry_share=args.max_expiry_share,
                           join_buffer_bytes=int(args.join_buffer_mb * 2**20))
     try:
         trainer = OnlineTrainer(schema(), args.data_dir, config)

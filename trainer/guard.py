@@ -55,6 +55,13 @@ taste for some items. So the verdict, one block after the hold:
 Bad input spread thinly over many sources is not told apart from drift: it
 is let through like drift (the limit of this design).
 
+Expiry breaker: the same hold, for the table's size instead of its quality.
+An expiry pass that would remove more than ``max_expiry_share`` of the
+table at once (a clock gone wrong, a trainer restarted after a long outage)
+is not carried out: emission holds (``expiry_breaker`` decides, the
+trainer's ``TrainerGuard.hold_expiry`` acts), the rows stay, and the
+operator's ``deltas resume`` releases the hold and lets that pass run.
+
 Last known good: after each good evaluation, the seq that served the oldest
 example of that window (every state since then was judged). The rollback
 itself is ``updater.rollback``: records restoring the state at that seq of
@@ -152,6 +159,8 @@ class Guard:
         self.monitor = QualityMonitor(c.window, c.block)
         self.state = OPEN
         self.operator_hold = False
+        self.expiry_hold: str | None = None  # why the expiry breaker holds, until the operator resumes
+        self.expiry_holds = 0
         self.good_seq = 0
         self.holds = self.rollbacks = self.rows_rolled_back = self.drifts = self.false_alarms = 0
         self.evaluations = 0
@@ -167,11 +176,13 @@ class Guard:
 
     @property
     def emitting(self) -> bool:
-        return not self.operator_hold and self.state != HELD
+        return not self.operator_hold and self.state != HELD and self.expiry_hold is None
 
     @property
     def state_name(self) -> str:
-        return "held (operator)" if self.operator_hold else self.state
+        if self.operator_hold:
+            return "held (operator)"
+        return "held (expiry breaker)" if self.expiry_hold is not None else self.state
 
     def keep(self, sources: np.ndarray) -> np.ndarray:
         """Mask of the examples whose source is not quarantined (the rest are not trained on)."""
@@ -330,8 +341,19 @@ class Guard:
         return {"state": self.state_name, "good_seq": self.good_seq, "holds": self.holds, "rollbacks": self.rollbacks,
                 "rows_rolled_back": self.rows_rolled_back, "drifts": self.drifts, "false_alarms": self.false_alarms,
                 "evaluations": self.evaluations, "quarantined_sources": len(self.quarantine),
+                "expiry_holds": self.expiry_holds, "expiry_hold": self.expiry_hold,
                 "window": r.as_dict() if r else None,
                 "by_seq_range": [b.as_dict() for b in list(self.monitor.blocks)[-4:]]}
+
+
+def expiry_breaker(would_evict: int, rows: int, max_share: float) -> str | None:
+    """Why an expiry pass that would remove ``would_evict`` of the table's ``rows`` must wait for the operator
+    (more than ``max_share`` of them), or None when it may run."""
+    if rows <= 0 or would_evict <= max_share * rows:
+        return None
+    return (f"an expiry pass would remove {would_evict} of {rows} rows ({would_evict / rows:.0%}), more than "
+            f"--max-expiry-share {max_share:g}: not carried out, emission held; check the clocks (the newest "
+            f"update time against the trainer's), then `monolith-rt deltas resume` runs it")
 
 
 def roll_back(model: TrainerModel, writer, data_dir, schema: FeatureSchema, to_seq: int, now: float) -> RestorePlan:
@@ -389,6 +411,7 @@ class TrainerGuard:
         self.guard = Guard(config)
         self.request = 0
         self.needs_checkpoint = False  # set by a rollback: the trainer checkpoints at once
+        self.expiry_approved = False  # set by a resume of an expiry hold: the held pass runs, once
         self.last_action = "started"
         self._next_poll = 0.0
         self._control_mtime = None
@@ -396,7 +419,8 @@ class TrainerGuard:
         self._gauges = {name: Gauge(f"monolith_guard_{name}", text, registry=self.registry) for name, text in (
             ("holds_total", "quality holds of sparse emission"), ("rollbacks_total", "rollbacks emitted"),
             ("rows_rolled_back_total", "rows restored or deleted by rollbacks"),
-            ("state", "0 open, 1 held by the guard, 2 held by the operator"),
+            ("state", "0 open, 1 held by the guard, 2 held by the operator, 3 held by the expiry breaker"),
+            ("expiry_holds_total", "expiry passes held by the breaker (more than --max-expiry-share of the table)"),
             ("quarantined_sources", "sources whose feedback is not trained on"),
             ("window_auc", "AUC of served scores over the window"),
             ("window_log_loss", "mean log loss of served scores over the window"),
@@ -409,6 +433,23 @@ class TrainerGuard:
     @property
     def emitting(self) -> bool:
         return self.guard.emitting
+
+    @property
+    def expiry_held(self) -> bool:
+        return self.guard.expiry_hold is not None
+
+    def hold_expiry(self, reason: str) -> None:
+        """The expiry breaker tripped: emission holds until the operator resumes."""
+        self.guard.expiry_hold = reason
+        self.guard.expiry_holds += 1
+        self.last_action = f"expiry breaker: {reason}"
+        log.error("guard: %s", self.last_action)
+        self.write_state()
+
+    def take_expiry_approval(self) -> bool:
+        """True once after the operator resumed an expiry hold: the next pass runs whatever it removes."""
+        approved, self.expiry_approved = self.expiry_approved, False
+        return approved
 
     def observe(self, model: TrainerModel, writer, scores, seqs, labels, sources, items, now: float,
                 weights=None) -> np.ndarray:
@@ -447,6 +488,10 @@ class TrainerGuard:
             self.guard.operator_hold = bool(control["hold"])
             self.last_action = ("operator hold: sparse and dense emission stopped" if control["hold"] else
                                 "operator resume: emission goes on with the next sync")
+            log.warning("guard: %s", self.last_action)
+        if not control["hold"] and self.guard.expiry_hold is not None:
+            self.guard.expiry_hold, self.expiry_approved = None, True
+            self.last_action = "operator resume: the held expiry pass runs now, then emission goes on"
             log.warning("guard: %s", self.last_action)
         if control["rollback_request"] > self.rollback_request:
             self.rollback_request = control["rollback_request"]
@@ -488,7 +533,9 @@ class TrainerGuard:
         g["holds_total"].set(status["holds"])
         g["rollbacks_total"].set(status["rollbacks"])
         g["rows_rolled_back_total"].set(status["rows_rolled_back"])
-        g["state"].set(2 if self.guard.operator_hold else 1 if self.guard.state == HELD else 0)
+        g["state"].set(2 if self.guard.operator_hold else 3 if self.guard.expiry_hold is not None
+                       else 1 if self.guard.state == HELD else 0)
+        g["expiry_holds_total"].set(status["expiry_holds"])
         g["quarantined_sources"].set(status["quarantined_sources"])
         g["good_seq"].set(status["good_seq"])
         for key in ("auc", "log_loss", "calibration"):

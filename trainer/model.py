@@ -168,6 +168,10 @@ class TrainerModel:
             self._evicted.append(evicted)
         return evicted
 
+    def count_expired(self, now: float | None = None) -> int:
+        """How many rows ``evict_expired(now)`` would remove (none is removed)."""
+        return self.table.count_expired_by_slot(self.ttl_s_by_slot, now)
+
     def pending_rows(self) -> int:
         return sum(t.shape[0] for t in self._touched)
 

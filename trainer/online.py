@@ -9,7 +9,8 @@ Online loop, one thread, every step bounded:
                                oldest has waited ``max_batch_delay_s``
     every sync interval        the touched rows -> one sparse delta record
     every dense interval       the dense weights -> one dense delta record
-    every expiry interval      per-slot TTL eviction (deletes ride the next delta)
+    every expiry interval      per-slot TTL eviction (deletes ride the next delta),
+                               on the trainer's clock, behind the expiry breaker
     every snapshot interval    sparse and dense deltas emitted first, then a
                                serving snapshot and a trainer checkpoint at
                                that seq, then retention (trainer.retention)
@@ -20,6 +21,16 @@ to agree with it (``reconcile``): records past the checkpoint are undone by
 one record of absolute values; a stream that ends before it is refused.
 
 Prequential AUC: each micro-batch is scored before it is trained on.
+
+Clock: a micro-batch is trained (its rows stamped) at the newest time among
+its examples, and expiry measures ages from the newest stamp in the table,
+so the logs' times drive both; replays of recorded times work unchanged.
+Neither ever runs past this host's wall clock + ``max_time_ahead_s``
+(the serving window's skew, server.clock), whatever a log says: a record
+stamped a month ahead cannot make every row look a month old. An expiry
+pass that would still remove more than ``max_expiry_share`` of the table
+at once holds emission instead (the expiry breaker, trainer.guard) until
+the operator's ``deltas resume``.
 
 Quality guard (trainer.guard, ``guard=False`` turns it off): every joined
 example carries the score serving gave it and the delta_seq it was served
@@ -55,7 +66,7 @@ from server.streams import Streams, open_streams, segment_bytes_from_env
 from server.streams.bus import FencedError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
-from trainer.guard import GuardConfig, TrainerGuard
+from trainer.guard import GuardConfig, TrainerGuard, expiry_breaker
 from trainer.joiner import COUNTERS, MAX_BUFFER_BYTES, Joiner
 from trainer.joiner_metrics import write_joiner_metrics
 from trainer.model import TrainerModel, auc
@@ -91,6 +102,10 @@ class OnlineConfig:
     guard: bool = True
     # The join buffer's memory limit; past it the oldest entries are shed and counted (trainer.joiner).
     join_buffer_bytes: int = MAX_BUFFER_BYTES
+    # Training and expiry times never run past the wall clock + this (server.clock's default skew).
+    max_time_ahead_s: float = 300.0
+    # An expiry pass removing more than this share of the table holds emission (the expiry breaker).
+    max_expiry_share: float = 0.2
 
     def __post_init__(self):
         if not 0.05 <= self.sync_interval_s <= 86400:
@@ -99,6 +114,11 @@ class OnlineConfig:
             raise ValueError("batch_size requires >= 1 and max_batch_delay_s >= 0")
         if self.log_retention_s < 0:
             raise ValueError(f"log_retention_s requires >= 0, got {self.log_retention_s}")
+        if not self.max_time_ahead_s >= 0:
+            raise ValueError(f"--max-time-ahead-s requires seconds >= 0 (inf: no limit), got {self.max_time_ahead_s}")
+        if not 0 < self.max_expiry_share <= 1:
+            raise ValueError(f"--max-expiry-share requires a share in (0, 1] (1: no breaker), got "
+                             f"{self.max_expiry_share}")
 
 
 def publish(data_dir: Path, model: TrainerModel, writer: DeltaWriter, joiner: Joiner | None,
@@ -283,8 +303,8 @@ class OnlineTrainer:
                 if now >= next_dense:
                     self._emit_dense()
                     next_dense = now + cfg.dense_interval_s
-                if now >= next_expiry:
-                    self.model.evict_expired()
+                if now >= next_expiry or self.guard.expiry_approved:
+                    self._expire()
                     next_expiry = now + cfg.expiry_interval_s
                 if now >= next_snapshot:
                     if waiting:  # joined examples live in no log any more: train before checkpointing
@@ -326,14 +346,42 @@ class OnlineTrainer:
             part = slice(start, start + self.config.batch_size)
             self._scores.append(self.model.predict(user[part], items[part]))
             self._labels.append(labels[part])
+            now = self.training_time(float(times[part].max()))
             keep = self.guard.observe(self.model, self.writer, served[part], seqs[part], labels[part],
-                                      user[part, 0], items[part, 0], now=float(times[part].max()),
-                                      weights=1.0 / rates[part])
+                                      user[part, 0], items[part, 0], now=now, weights=1.0 / rates[part])
             if not keep.any():
                 continue
             self._losses.append(self.model.train_step(user[part][keep], items[part][keep], labels[part][keep],
-                                                      now=float(times[part].max()), sample_rates=rates[part][keep]))
+                                                      now=now, sample_rates=rates[part][keep]))
         self.examples += labels.shape[0]
+
+    def training_time(self, newest_s: float) -> float:
+        """The time a micro-batch whose newest example is ``newest_s`` is trained (stamped) at: that
+        time, never past the wall clock + max_time_ahead_s."""
+        return min(newest_s, time.time() + self.config.max_time_ahead_s)
+
+    def expiry_clock(self) -> float:
+        """The time expiry measures ages from: the newest stamp in the table (Monolith's rule, right
+        for replays), never past the wall clock + max_time_ahead_s (a stamp restored from an older
+        checkpoint may be)."""
+        return min(self.model.table.newest_stamp, time.time() + self.config.max_time_ahead_s)
+
+    def _expire(self) -> None:
+        """One TTL pass on ``expiry_clock``; its deletes ride the next delta. A pass that would remove
+        more than max_expiry_share of the table is not carried out: emission holds until the operator
+        resumes (trainer.guard), and then it runs."""
+        if self.guard.expiry_held:
+            return
+        now = self.expiry_clock()
+        if not self.guard.take_expiry_approval():
+            reason = expiry_breaker(self.model.count_expired(now), len(self.model.table),
+                                    self.config.max_expiry_share)
+            if reason is not None:
+                self.guard.hold_expiry(reason)
+                return
+        evicted = self.model.evict_expired(now)
+        log.info("expiry pass at %.3f: %d rows past their slot's TTL removed, %d remain", now, evicted.shape[0],
+                 len(self.model.table))
 
     def _emit_sparse(self) -> None:
         if not self.guard.emitting:  # held: rows stay pending and go out with the first sync after release

@@ -492,6 +492,18 @@ def evict_by_slot(keys, stamps, versions, cutoffs, shift, out_fids):
 
 
 @numba.njit(cache=True, nogil=True)
+def count_expired_by_slot(keys, stamps, cutoffs, shift):
+    """The number of keys ``evict_by_slot`` would remove with the same cutoffs; changes nothing.
+    Writer only (a concurrent writer could change the answer)."""
+    n = 0
+    for pos in range(keys.shape[0]):
+        key = keys[pos]
+        if key != EMPTY_KEY and stamps[pos] < cutoffs[np.int64(key >> shift)]:
+            n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
 def export_chunk(keys, rows, stamps, start, out_fids, out_rows, out_stamps):
     """Copies up to len(out_fids) live entries from slot start onwards.
     Returns (next_start, n); next_start == capacity when done. Writer only

@@ -278,10 +278,23 @@ class EmbeddingTable:
     def evict_expired_by_slot(self, ttl_s_by_slot: dict[int, float], now: float | None = None) -> np.ndarray:
         """Like ``evict_expired`` with a TTL per slot (``server.features.slot_of``);
         FIDs of slots not listed never expire. Returns the evicted FIDs."""
+        return self._evict(self._slot_offsets(ttl_s_by_slot), now)
+
+    def count_expired_by_slot(self, ttl_s_by_slot: dict[int, float], now: float | None = None) -> int:
+        """How many rows ``evict_expired_by_slot`` with the same arguments would remove; removes none."""
+        offsets = self._slot_offsets(ttl_s_by_slot)
+        with self._write_lock:
+            reference = self._newest_stamp if now is None else float(now)
+            state = self._state
+            return int(cuckoo.count_expired_by_slot(state.keys, state.stamps, reference + offsets,
+                                                    np.uint64(SIGNATURE_BITS)))
+
+    @staticmethod
+    def _slot_offsets(ttl_s_by_slot: dict[int, float]) -> np.ndarray:
         offsets = np.full(SLOT_IDS, -np.inf)  # indexed by slot: every 64-bit key has one
         for slot, ttl in ttl_s_by_slot.items():
             offsets[slot] = -float(ttl)
-        return self._evict(offsets, now)
+        return offsets
 
     def _evict(self, cutoff_offsets: np.ndarray, now: float | None) -> np.ndarray:
         """Evicts keys with stamp < reference + cutoff_offsets[slot of key]."""

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.features import SIGNATURE_BITS
 from server.table import cuckoo
 from server.table import EMPTY_KEY, EmbeddingTable
 
@@ -139,6 +140,21 @@ def test_expiry_uses_newest_update_or_given_clock():
     assert sorted(table.evict_expired(ttl_s=50).tolist()) == [1, 2]
     assert table.evict_expired(ttl_s=10, now=1000.0).tolist() == [3]
     assert len(table) == 0
+
+
+@given(st.lists(st.tuples(st.integers(1, 2**20), st.integers(0, 3), st.integers(0, 100)), max_size=40),
+       st.integers(0, 120), st.booleans())
+def test_count_expired_is_what_the_same_eviction_removes(entries, ttl_s, given_clock):
+    """count_expired_by_slot(ttl, now) == len(evict_expired_by_slot(ttl, now)), and counting removes nothing."""
+    table = EmbeddingTable(1)
+    for key, slot, stamp in entries:
+        table.upsert(np.array([(slot << SIGNATURE_BITS) | key], np.uint64), np.zeros((1, 1), np.float32), now=float(stamp))
+    ttl_by_slot = {0: float(ttl_s), 1: float(ttl_s) / 2, 2: 0.0}  # slot 3 never expires
+    now = 90.0 if given_clock else None
+    size = len(table)
+    counted = table.count_expired_by_slot(ttl_by_slot, now)
+    assert len(table) == size
+    assert counted == table.evict_expired_by_slot(ttl_by_slot, now).shape[0] == size - len(table)
 
 
 def test_missing_rows_zero_or_deterministic_init():
