@@ -2,7 +2,6 @@
 
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from server.snapshot import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
+from loadtest.stack import read_metric
+from tests.waiting import wait_for_seq, wait_until
 from updater.tools import SyntheticProducer, scan
 
 SCHEMA = shipped_schema()
@@ -24,31 +25,9 @@ USER, ITEMS = SCHEMA.encode_request({"user_id": 5, "hour": 7}, [{"item_id": i, "
                                                               for i in range(10)])
 
 
-def wait_for_seq(client, seq, timeout_s=30.0):
-    """Scores and delta_seq of the first response at or past seq."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        scores, served = client.rank(USER, ITEMS, request_id=b"poll")
-        if served >= seq:
-            return scores, served
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server still at delta_seq {served}, waited for {seq}")
-        time.sleep(0.02)
-
-
-def metric(server, name):
-    for line in urllib.request.urlopen(server.metrics_url, timeout=5).read().decode().splitlines():
-        if line.startswith(name + "{") and 'model="ranker"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"metric {name} not exported")
-
-
 def wait_metric(server, name, value, timeout_s=10.0):
     """Metrics refresh once a second: poll until name == value."""
-    deadline = time.monotonic() + timeout_s
-    while (seen := metric(server, name)) != value:
-        assert time.monotonic() < deadline, f"{name} is {seen}, expected {value}"
-        time.sleep(0.2)
+    wait_until(lambda: read_metric(server.metrics_url, name) == value, f"{name} == {value}", timeout_s, poll_s=0.2)
 
 
 def loads_in_log(server):
@@ -70,13 +49,13 @@ def test_sparse_then_dense_deltas_change_scores_without_reload(server, tmp_path)
         fids = fids[fids != PAD_FID]
         deltas.append(DeltaRecord.sparse(1, time.time(), fids,
                                          rng.normal(0, 0.5, (len(fids), SCHEMA.dim)).astype(np.float32)))
-        sparse_scores, seq = wait_for_seq(client, 1)
+        sparse_scores, seq = wait_for_seq(client, USER, ITEMS, 1)
         assert seq == 1 and not np.allclose(sparse_scores, before)
         assert np.ptp(sparse_scores) > 0  # candidates now differ from each other
 
         dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 7})
         deltas.append(DeltaRecord.dense(2, time.time(), dense.state_dict()))
-        dense_scores, seq = wait_for_seq(client, 2)
+        dense_scores, seq = wait_for_seq(client, USER, ITEMS, 2)
         assert seq == 2 and not np.allclose(dense_scores, sparse_scores)
 
         stats = client.raw.get_inference_statistics("ranker", as_json=True)["model_stats"][0]
@@ -101,7 +80,7 @@ def test_kill_9_while_streaming_then_catch_up_exactly(tmp_path):
     try:
         thread.start()
         with RankerClient(srv.grpc_url, "grpc") as client:
-            wait_for_seq(client, 5)
+            wait_for_seq(client, USER, ITEMS, 5)
         srv.kill()  # SIGKILL to the server and its model stubs, mid-stream
         time.sleep(0.5)
     finally:
@@ -117,7 +96,7 @@ def test_kill_9_while_streaming_then_catch_up_exactly(tmp_path):
             intended.pop(f, None)
 
     with TritonServer(data) as srv, RankerClient(srv.grpc_url, "grpc") as client:
-        wait_for_seq(client, last_seq)
+        wait_for_seq(client, USER, ITEMS, last_seq)
         assert loads_in_log(srv) == 2  # one per start: none while applying
     snapshot = load_latest_snapshot(data)
     assert snapshot.delta_seq == last_seq
@@ -136,7 +115,7 @@ def test_corrupt_delta_is_refused_and_serving_continues(server):
         with SegmentLogWriter(server.data_dir / "deltas") as raw:
             raw.append(good.encode())
             raw.append(bytes(bad))
-        wait_for_seq(client, 1)
+        wait_for_seq(client, USER, ITEMS, 1)
         wait_metric(server, "monolith_delta_updater_halted", 1)
         scores, seq = client.rank(USER, ITEMS, request_id=b"after-corrupt")
         assert seq == 1 and scores.shape == (10,)
@@ -149,7 +128,7 @@ def test_corrupt_delta_is_refused_and_serving_continues(server):
         write_snapshot(server.data_dir, table, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict(), 2)
         with SegmentLogWriter(server.data_dir / "deltas") as raw:
             raw.append(DeltaRecord.sparse(3, time.time(), USER[1:2], np.ones((1, SCHEMA.dim), np.float32)).encode())
-        _, seq = wait_for_seq(client, 3)
+        _, seq = wait_for_seq(client, USER, ITEMS, 3)
         assert seq == 3
         wait_metric(server, "monolith_delta_updater_halted", 0)
         wait_metric(server, "monolith_delta_snapshot_reloads_total", 1)

@@ -18,6 +18,7 @@ from server.launcher import TritonServer
 from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from tests.stream_state import stream_state
+from tests.waiting import wait_for_seq
 from updater.delta import DeltaRecord
 from updater.stream import FileDeltaWriter
 from updater.tools import scan
@@ -37,12 +38,9 @@ def served_state(data):
     return snapshot.delta_seq, rows, snapshot.dense_state
 
 
-def wait_for_seq(server, seq, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
+def wait_for_server_seq(server, seq):
     with RankerClient(server.grpc_url, "grpc") as client:
-        while client.rank(USER, ITEMS, request_id=b"poll")[1] < seq:
-            assert time.monotonic() < deadline, f"server never reached seq {seq}"
-            time.sleep(0.05)
+        wait_for_seq(client, USER, ITEMS, seq)
 
 
 def append_records(writer, rng, count, pool_lo, pool_hi, dense_every=4):
@@ -89,7 +87,7 @@ def test_rollback_restores_every_server_to_the_state_at_s(tmp_path):
     with TritonServer(data) as srv:
         with FileDeltaWriter(data / "deltas") as writer:
             append_records(writer, rng, 8, 10_000, 40_000)  # overwrites, evictions and rows created after S
-        wait_for_seq(srv, 15)
+        wait_for_server_seq(srv, 15)
         refused = rollback_cli(data, 16)
         assert refused.returncode == 1 and "retained range 0..15" in refused.stderr and "got 16" in refused.stderr
         done = rollback_cli(data, s)
@@ -100,7 +98,7 @@ def test_rollback_restores_every_server_to_the_state_at_s(tmp_path):
     assert_equal_state((None, *last), expected)  # the stream's own end state is the state at S
     tail_seq = max(record.seq for _, _, _, record in scan(data / "deltas"))
     with TritonServer(data) as srv:
-        wait_for_seq(srv, tail_seq)
+        wait_for_server_seq(srv, tail_seq)
     live = served_state(data)
     assert live[0] == tail_seq
     assert_equal_state(live, expected)
@@ -109,5 +107,5 @@ def test_rollback_restores_every_server_to_the_state_at_s(tmp_path):
         if path.name != f"{3:020d}":
             shutil.rmtree(path)
     with TritonServer(data) as srv:
-        wait_for_seq(srv, tail_seq)
+        wait_for_server_seq(srv, tail_seq)
     assert_equal_state(served_state(data), expected)

@@ -13,7 +13,8 @@ import pytest
 from server.client import RankerClient
 from server.procs import group_members
 from server.supervisor import ServeProcess
-from tests.e2e.test_supervisor import rank_or_none, restarted_pid, wait_until
+from tests.e2e.test_supervisor import rank_or_none, restarted_pid
+from tests.waiting import wait_until
 from updater.tools import SyntheticProducer
 
 
@@ -24,7 +25,6 @@ def stub_of(triton_pid: int, model: str) -> int:
     return int(out[0])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ranker", "feedback"])
 def test_a_killed_stub_gets_its_server_restarted(tmp_path, model):
     producer = SyntheticProducer(tmp_path / "deltas", rows_per_s=5000, interval_s=0.05, seed=1)
@@ -32,12 +32,12 @@ def test_a_killed_stub_gets_its_server_restarted(tmp_path, model):
         producer.produce_one()
     producer.close()
     with ServeProcess(tmp_path) as serve, RankerClient(serve.grpc_url, "grpc", timeout_s=5.0) as client:
-        wait_until(lambda: (r := rank_or_none(client)) and r[1] == 10, 30)
+        wait_until(lambda: (r := rank_or_none(client)) and r[1] == 10, "seq 10 served", 30)
         old_pid = serve.triton_pid
         killed_at = time.monotonic()
         os.kill(stub_of(old_pid, model), signal.SIGKILL)
-        restarted = wait_until(lambda: restarted_pid(serve, old_pid), 30, poll_s=0.1)
-        answer = wait_until(lambda: rank_or_none(client), 30)
+        restarted = wait_until(lambda: restarted_pid(serve, old_pid), "a restarted tritonserver", 30, poll_s=0.1)
+        answer = wait_until(lambda: rank_or_none(client), "an answer after the restart", 30)
         recovered_s = time.monotonic() - killed_at
         print(f"\n{model} stub killed: serving again after {recovered_s:.1f} s")
         assert restarted, "serve did not restart tritonserver after its stub died"

