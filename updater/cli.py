@@ -34,7 +34,8 @@ def add_commands(commands, bench) -> None:
     produce.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     produce.set_defaults(run=_run_produce)
     for verb, text in (("hold", "stop the trainer's sparse emission (it keeps training)"),
-                       ("resume", "let the trainer emit again (what it held goes out with the next sync)")):
+                       ("resume", "let the trainer emit again (what it held goes out with the next sync; an "
+                        "expiry pass held by the expiry breaker runs then)")):
         control = actions.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}. Written durably "
                                      "to <data-dir>/guard/control.json; a running trainer acts on it within 0.5 s, "
                                      "one started later starts in that state.")
