@@ -131,7 +131,7 @@ def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
     import torch
 
     from server.client import RankerClient
-    from server.snapshot import load_latest_snapshot
+    from server.streams.snapshots import load_latest_snapshot
 
     for process in stack.trainers:
         stack.stop_trainer(process)

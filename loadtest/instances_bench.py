@@ -49,7 +49,7 @@ _PARTS = ("keys", "rows", "stamps", "versions")
 
 def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: int) -> None:
     from server.dense import build_dense
-    from server.snapshot import write_snapshot
+    from server.streams.snapshots import write_snapshot
     from server.table import EmbeddingTable
 
     rng = np.random.default_rng(seed)

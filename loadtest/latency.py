@@ -60,7 +60,7 @@ def populate_snapshot(schema: FeatureSchema, requests, seed: int):
     """prepare(data_dir): a serving snapshot with a row for every requested FID and some more."""
     def prepare(data_dir: Path) -> None:
         from server.dense import build_dense
-        from server.snapshot import write_snapshot
+        from server.streams.snapshots import write_snapshot
         from server.table import EmbeddingTable
 
         rng = np.random.default_rng(seed)

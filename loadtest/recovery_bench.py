@@ -22,10 +22,10 @@ from server.client import RankerClient
 from server.dense import build_dense
 from server.features import FeatureSchema
 from server.launcher import TritonServer
-from server.snapshot import write_snapshot
+from server.streams.snapshots import write_snapshot
 from server.table import EmbeddingTable
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 from server.streams import DELTAS, Streams
 
 

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numba
 import numpy as np
@@ -39,7 +39,7 @@ from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
 from server.scoring import DeepFMScorer
 from server.streams import FEATURES, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.streams.records import FeatureRecord
-from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
+from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EMPTY_KEY, EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,10 @@ def parse_time(name: str, value: np.ndarray | None, now_s: float, window: TimeWi
 class RankerRuntime:
     """Table + dense network + feature log of one ranker instance."""
 
-    def __init__(self, schema: FeatureSchema, data_dir: str | Path, instance: str, apply_deltas: bool = True):
+    def __init__(self, schema: FeatureSchema, data_dir: str | Path, instance: str,
+                 make_applier: Callable[["RankerRuntime"], object] | None = None):
+        """``make_applier``: runtime -> what applies the delta stream to it (updater.applier.DeltaApplier.following,
+        wired by the model adapter); None serves the snapshot alone (tests, benchmarks)."""
         self.schema = schema
         self.data_dir = Path(data_dir)
         self.streams = open_streams(self.data_dir)  # the bus: local files or JetStream
@@ -227,8 +230,8 @@ class RankerRuntime:
         self._scorer_of = None
         self.warm_up_s = self._warm_up()
         self.updater = None
-        if apply_deltas:
-            self.updater = self._make_updater()
+        if make_applier is not None:
+            self.updater = make_applier(self)
             self._start_updater()
 
     def _load_state(self) -> None:
@@ -262,14 +265,10 @@ class RankerRuntime:
         except Exception as exc:
             log.error("fetching the newest snapshot from the bus failed: %r", exc)
 
-    def _newest_snapshot(self):
+    def newest_snapshot(self):
+        """The newest snapshot, fetched from the bus first where there is one (the applier heals from it)."""
         self._fetch_snapshot()
         return load_latest_snapshot(self.data_dir)
-
-    def _make_updater(self):
-        from updater.applier import DeltaApplier
-
-        return DeltaApplier(self, self.streams.open_delta_reader, load_snapshot=self._newest_snapshot)
 
     def _start_updater(self) -> None:
         self.updater.catch_up()  # before Triton calls us ready

@@ -50,7 +50,7 @@ from server.procs import proc_stat
 from server.ranker import RankerRuntime
 from server.table.cuckoo import SLOTS
 from server.table.shared import SharedEmbeddingTable, shm_directory
-from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
+from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from server.tensor_io import decode_tensors, encode_tensors
 
@@ -93,14 +93,14 @@ class SharedRankerRuntime(RankerRuntime):
     server's shared table (see the module docstring). ``server_pid``: the
     tritonserver whose instances share it (default: this process's parent)."""
 
-    def __init__(self, schema, data_dir, instance: str, apply_deltas: bool = True, server_pid: int | None = None,
+    def __init__(self, schema, data_dir, instance: str, make_applier=None, server_pid: int | None = None,
                  shm_root: Path | None = None):
         self._server_pid = os.getppid() if server_pid is None else server_pid
         self._shm_root = shm_root
         self._stop = threading.Event()
         self._dense_lock = threading.Lock()
         self._follower = None
-        super().__init__(schema, data_dir, instance, apply_deltas)
+        super().__init__(schema, data_dir, instance, make_applier)
 
     # ------------------------------------------------------------------ setup
 

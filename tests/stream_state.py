@@ -4,7 +4,7 @@ from pathlib import Path
 
 from server.dense import build_dense
 from server.features import shipped_schema
-from updater.delta import DENSE
+from server.streams.deltas import DENSE
 from updater.tools import scan
 
 SCHEMA = shipped_schema()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.snapshot import atomic_directory, complete_dirs
+from server.streams.snapshots import atomic_directory, complete_dirs
 from server.table import EmbeddingTable, SnapshotError
 from server.tensor_io import decode_tensors, encode_tensors
 from trainer.joiner import Joiner

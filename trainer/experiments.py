@@ -65,7 +65,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import DATASET_TITLES, Examples, load_dataset
 from trainer.model import TrainerModel, auc
 from updater.applier import write_sparse
-from updater.delta import DeltaRecord
+from server.streams.deltas import DeltaRecord
 
 _BATCH = 1024
 # One online micro-batch size for every sync-interval variant, small enough

@@ -362,7 +362,7 @@ def roll_back(model: TrainerModel, writer, data_dir, schema: FeatureSchema, to_s
     Raises updater.rollback.RollbackRangeError when to_seq is no longer retained, or when the delta
     stream is not the local one (the state at to_seq is rebuilt from local snapshots and segments)."""
     from updater.rollback import RollbackRangeError
-    from updater.stream import FileDeltaWriter
+    from server.streams.delta_log import FileDeltaWriter
 
     if not isinstance(writer, FileDeltaWriter):
         raise RollbackRangeError(f"rollbacks rebuild the state at a seq from the local delta stream and snapshots; "

@@ -56,8 +56,8 @@ from trainer.data import Examples, load_movielens
 from trainer.experiments import apply_delta
 from trainer.guard import Guard, GuardConfig, roll_back
 from trainer.model import TrainerModel, auc
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 
 _BATCH = 100
 _DENSE_EVERY = 10
@@ -215,7 +215,7 @@ def _initial_records(base: TrainerModel, seq: int) -> list[DeltaRecord]:
 
 def _apply_new(serving: TrainerModel, data_dir: Path, seq: int) -> int:
     """Serving applies the stream's records after ``seq`` (the updater's path: read, CRC, decode, apply)."""
-    from updater.stream import FileDeltaReader
+    from server.streams.delta_log import FileDeltaReader
 
     reader = FileDeltaReader(Streams(data_dir).path(DELTAS), after_seq=seq)
     try:

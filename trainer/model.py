@@ -40,7 +40,7 @@ import torch
 from server.dense import build_dense
 from server.features import PAD_FID, SLOT_IDS, FeatureSchema, slot_of
 from server.table import EmbeddingTable
-from updater.delta import DeltaRecord
+from server.streams.deltas import DeltaRecord
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

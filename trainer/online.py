@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from server.features import FeatureSchema
-from server.snapshot import prune_snapshots, write_snapshot
+from server.streams.snapshots import prune_snapshots, write_snapshot
 from server.streams import Streams, open_streams, segment_bytes_from_env
 from server.streams.bus import FencedError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -71,8 +71,8 @@ from trainer.joiner import COUNTERS, MAX_BUFFER_BYTES, Joiner
 from trainer.joiner_metrics import write_joiner_metrics
 from trainer.model import TrainerModel, auc
 from trainer.retention import apply_retention
-from updater.delta import DENSE, DeltaRecord
-from updater.stream import DeltaWriter
+from server.streams.deltas import DENSE, DeltaRecord
+from server.streams.delta_log import DeltaWriter
 
 log = logging.getLogger(__name__)
 

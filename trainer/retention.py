@@ -27,9 +27,9 @@ import logging
 from pathlib import Path
 
 from server.streams import delete_sealed_segments
-from server.snapshot import list_snapshots
+from server.streams.snapshots import list_snapshots
 from trainer.checkpoint import list_checkpoints
-from updater.stream import FileDeltaWriter
+from server.streams.delta_log import FileDeltaWriter
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ import torch
 from server.dense import build_dense
 from server.streams import LogCorruptError
 from server.table import EMPTY_KEY
-from updater.delta import DENSE, SPARSE, DeltaError, DeltaRecord
-from updater.stream import DeltaReader
+from server.streams.deltas import DENSE, SPARSE, DeltaError, DeltaRecord
+from server.streams.delta_log import DeltaReader
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class DeltaApplier:
     Args:
         runtime: the object serving requests; needs .table, .dense, .schema, .delta_seq.
         open_reader: after_seq -> DeltaReader, called at start and after each halt.
-        load_snapshot: () -> the newest readable server.snapshot.Snapshot, or None.
+        load_snapshot: () -> the newest readable server.streams.snapshots.Snapshot, or None.
         poll_interval_s: sleep when the stream has nothing new.
         chunk_rows: rows per table upsert.
         retry_delays_s: waits before each retry after a halt; then a snapshot reload.
@@ -86,6 +86,12 @@ class DeltaApplier:
         self.halted_reason: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delta-applier", daemon=True)
+
+    @classmethod
+    def following(cls, runtime) -> "DeltaApplier":
+        """The applier a serving runtime runs: it follows the runtime's delta stream and heals from its
+        newest snapshot (the model adapter passes this as RankerRuntime's ``make_applier``)."""
+        return cls(runtime, runtime.streams.open_delta_reader, load_snapshot=runtime.newest_snapshot)
 
     def start(self) -> "DeltaApplier":
         self._thread.start()

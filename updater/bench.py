@@ -29,8 +29,8 @@ import numpy as np
 from server.features import FeatureSchema
 from server.ranker import RankerRuntime
 from updater.applier import DeltaApplier
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaReader, FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 
 
 def _progress(message: str) -> None:
@@ -60,11 +60,11 @@ def bench_apply(schema: FeatureSchema, rows: int, dim: int, rows_per_record: int
             for record in records:
                 writer.append(record)
         _progress("compiling kernels (warm-up)")
-        warm = RankerRuntime(schema, work / "warm", "warm", apply_deltas=False)
+        warm = RankerRuntime(schema, work / "warm", "warm")
         DeltaApplier(warm, None).apply(DeltaRecord.decode(encoded[0]))
         warm.close(snapshot=False)
 
-        runtime = RankerRuntime(schema, work / "serve", "bench", apply_deltas=False)
+        runtime = RankerRuntime(schema, work / "serve", "bench")
         applier = DeltaApplier(runtime, None)
         reader = FileDeltaReader(work / "deltas")
         t0 = time.perf_counter()

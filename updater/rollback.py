@@ -52,11 +52,11 @@ import torch
 
 from server.durable import fsync_path
 from server.features import FeatureSchema
-from server.snapshot import list_snapshots, load_snapshot
+from server.streams.snapshots import list_snapshots, load_snapshot
 from server.streams import DELTAS, SNAPSHOTS, Streams
 from server.streams.segments import list_segments
-from updater.delta import DENSE, DeltaRecord
-from updater.stream import FileDeltaReader, FileDeltaWriter
+from server.streams.deltas import DENSE, DeltaRecord
+from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 
 GUARD_DIR = "guard"
 ROWS_PER_RECORD = 100_000

@@ -12,8 +12,8 @@ import numpy as np
 from server.features import random_fids
 from server.streams import LogCorruptError, SegmentLogReader
 from server.streams.segments import list_segments
-from updater.delta import DeltaError, DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaError, DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 
 
 def scan(directory: str | Path):

@@ -14,7 +14,7 @@ from loadtest.stack import spawn_stack, wait_trainer_ready
 from server.client import InferError, RankerClient
 from server.features import shipped_schema
 from tests import waiting
-from updater.delta import SPARSE
+from server.streams.deltas import SPARSE
 from updater.tools import scan
 
 SCHEMA = shipped_schema()

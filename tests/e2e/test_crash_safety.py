@@ -37,7 +37,7 @@ from server.features import shipped_schema
 from server.launcher import TritonServer
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader
-from server.snapshot import list_snapshots, load_latest_snapshot
+from server.streams.snapshots import list_snapshots, load_latest_snapshot
 from server.table import EmbeddingTable
 from server.tensor_io import decode_tensors
 from updater.tools import scan, verify

@@ -12,10 +12,10 @@ from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
 from server.launcher import TritonServer
 from server.streams import SegmentLogWriter
-from server.snapshot import load_latest_snapshot, write_snapshot
+from server.streams.snapshots import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 from loadtest.stack import read_metric
 from tests.waiting import wait_for_seq, wait_until
 from updater.tools import SyntheticProducer, scan

@@ -18,8 +18,8 @@ from server.procs import processes
 from server.ranker import RankerRuntime, RankRequest
 from server.table.shared import WRITER_PID, shm_directory
 from tests import waiting
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def rows_of(seq: int, fids: np.ndarray) -> np.ndarray:
 
 def reference_scores(tmp_path, seq: int, user=USER, items=ITEMS) -> np.ndarray:
     """What the request scores once record ``seq`` set the request's rows (default dense weights)."""
-    runtime = RankerRuntime(SCHEMA, tmp_path / f"reference-{seq}", "ref", apply_deltas=False)
+    runtime = RankerRuntime(SCHEMA, tmp_path / f"reference-{seq}", "ref")
     try:
         fids = np.unique(np.concatenate([user, items.ravel()]))
         fids = fids[fids != PAD_FID]
@@ -161,7 +161,7 @@ def test_kill_9_of_the_writer_stub_under_traffic_another_takes_over(two_instance
     traffic.stop()
     probes.stop()
     whole = {seq: reference_scores(tmp_path, seq, PROBE_USER, PROBE_ITEMS)[0] for seq in range(1, 8)}
-    absent = RankerRuntime(SCHEMA, tmp_path / "absent", "ref", apply_deltas=False)
+    absent = RankerRuntime(SCHEMA, tmp_path / "absent", "ref")
     whole[0] = absent.score([RankRequest(b"r", 1.0, PROBE_USER, PROBE_ITEMS)])[0][0][0]  # before record 1
     absent.close(snapshot=False)
     assert probes.answers and all("not healthy" in error for error in probes.errors)

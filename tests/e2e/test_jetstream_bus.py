@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from server.snapshot import load_latest_snapshot, write_snapshot
+from server.streams.snapshots import load_latest_snapshot, write_snapshot
 from server.streams import FEEDBACK
 from server.streams.jetstream import (DELTA_SUBJECT, BusConfig, BusError, FencedError, JetStreamStreams,
                                       frame_records)
 from server.streams.nats_cluster import NatsCluster
 from server.streams.records import FeedbackRecord
 from server.table import EmbeddingTable
-from updater.delta import DeltaError, DeltaRecord
+from server.streams.deltas import DeltaError, DeltaRecord
 
 MAX_PAYLOAD = 64 << 10  # small, so that realistic dense records are split into parts
 

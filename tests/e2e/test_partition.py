@@ -25,7 +25,7 @@ from server.streams.bus import BusConfig, BusError
 from server.streams.jetstream import JetStreamStreams
 from server.streams.nats_cluster import NatsCluster
 from server.streams.records import FeedbackRecord
-from updater.delta import DeltaRecord
+from server.streams.deltas import DeltaRecord
 
 SUBNET = "10.214.{}.{}"
 

@@ -15,12 +15,12 @@ from server.client import RankerClient
 from server.dense import build_dense
 from server.features import shipped_schema
 from server.launcher import TritonServer
-from server.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
+from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from tests.stream_state import stream_state
 from tests.waiting import wait_for_seq
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 from updater.tools import scan
 
 SCHEMA = shipped_schema()

@@ -22,7 +22,7 @@ from loadtest.bus_stack import quiesce_and_compare, served_seq, spawn_bus_stack
 from loadtest.freshness import probe_once
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.snapshot import list_snapshots
+from server.streams.snapshots import list_snapshots
 from server.streams import FEATURES, FEEDBACK
 from server.streams.records import FeatureRecord, FeedbackRecord
 

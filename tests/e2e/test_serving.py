@@ -15,7 +15,7 @@ from server.launcher import TritonServer
 from server.ranker import RankerRuntime, RankRequest
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.streams import SegmentLogReader
-from server.snapshot import write_snapshot
+from server.streams.snapshots import write_snapshot
 from server.table import EmbeddingTable
 
 SCHEMA = shipped_schema()
@@ -229,7 +229,7 @@ def test_restart_loads_the_snapshot(tmp_path):
     write_snapshot(tmp_path / "data", table, dense.state_dict(), delta_seq=17)
     local = tmp_path / "local"
     shutil.copytree(tmp_path / "data", local)
-    runtime = RankerRuntime(SCHEMA, local, "local", apply_deltas=False)
+    runtime = RankerRuntime(SCHEMA, local, "local")
     expected = runtime.score([RankRequest(b"x", 1.0, user, items)])[0][0]
     runtime.close()
 

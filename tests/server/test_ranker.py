@@ -12,7 +12,7 @@ SCHEMA = shipped_schema()
 
 
 def test_score_matches_reference_and_batches_like_singles(tmp_path, rng):
-    runtime = RankerRuntime(SCHEMA, tmp_path, "t", apply_deltas=False)
+    runtime = RankerRuntime(SCHEMA, tmp_path, "t")
     try:
         requests = []
         for n, user_id in ((3, 1), (5, 2)):
@@ -63,7 +63,7 @@ def test_impression_ids_are_unique_hex_and_logged_with_the_features(tmp_path):
     for bad in (b"", b"A" * 32, b"g" * 32, ids[0][:-1], ids[0] + b"0", "é" * 32):
         with pytest.raises(RequestError, match="impression_id"):
             parse_impression_id(np.array([bad], dtype=object))
-    runtime = RankerRuntime(SCHEMA, tmp_path, "t", apply_deltas=False)
+    runtime = RankerRuntime(SCHEMA, tmp_path, "t")
     try:
         user, items = SCHEMA.encode_request({"user_id": 1}, [{"item_id": 1}, {"item_id": 2}])
         request = RankRequest(b"same", 1.0, user, items)

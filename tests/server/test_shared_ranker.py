@@ -11,12 +11,13 @@ from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
 from server.ranker import RankRequest
 from server.shared_ranker import SERVER_PID, SharedRankerRuntime, process_identity
-from server.snapshot import list_snapshots, write_snapshot
+from server.streams.snapshots import list_snapshots, write_snapshot
+from updater.applier import DeltaApplier
 from server.table import EmbeddingTable
 from server.table.shared import SharedEmbeddingTable, shm_directory
 from tests.waiting import wait_until
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaWriter
 
 SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 5, "hour": 7}, [{"item_id": i, "item_genres": ["Drama"]}
@@ -34,8 +35,8 @@ def shm_root(tmp_path):
 
 
 def runtime(data_dir, shm_root, name, **kw):
-    return SharedRankerRuntime(SCHEMA, data_dir, name, server_pid=kw.pop("server_pid", os.getpid()),
-                               shm_root=shm_root, **kw)
+    return SharedRankerRuntime(SCHEMA, data_dir, name, make_applier=DeltaApplier.following,
+                               server_pid=kw.pop("server_pid", os.getpid()), shm_root=shm_root, **kw)
 
 
 def test_instances_share_rows_seq_and_dense_and_apply_once(tmp_path, shm_root, rng):

@@ -15,7 +15,7 @@ from tests.stream_state import stream_state
 from trainer.model import TrainerModel
 from trainer.online import OnlineTrainer
 from updater.rollback import read_state, rollback_now, write_control
-from updater.stream import FileDeltaWriter
+from server.streams.delta_log import FileDeltaWriter
 
 SCHEMA = shipped_schema()
 NEGATIVE_RATE = 0.1

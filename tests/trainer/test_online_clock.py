@@ -15,7 +15,7 @@ from server.streams.records import FeatureRecord, FeedbackRecord
 from tests import waiting
 from trainer.guard import Guard, expiry_breaker
 from trainer.online import OnlineConfig, OnlineTrainer
-from updater.delta import SPARSE
+from server.streams.deltas import SPARSE
 from updater.rollback import write_control
 from updater.tools import scan
 

@@ -176,8 +176,8 @@ def test_restored_joiner_samples_the_same_negatives(tmp_path):
 
 
 def test_trainer_refuses_a_stream_behind_its_checkpoint(tmp_path):
-    from updater.delta import DeltaRecord
-    from updater.stream import FileDeltaWriter
+    from server.streams.deltas import DeltaRecord
+    from server.streams.delta_log import FileDeltaWriter
 
     model = TrainerModel(SCHEMA)
     save_checkpoint(tmp_path, model, None, delta_seq=3)
@@ -207,9 +207,9 @@ def test_retention_keeps_disk_bounded_and_a_server_left_behind_heals_from_a_snap
     import time as clock
 
     from server.ranker import RankerRuntime
-    from server.snapshot import list_snapshots, load_latest_snapshot
+    from server.streams.snapshots import list_snapshots, load_latest_snapshot
     from updater.applier import DeltaApplier
-    from updater.stream import FileDeltaReader
+    from server.streams.delta_log import FileDeltaReader
 
     monkeypatch.setenv("MONOLITH_SEGMENT_BYTES", "8192")
     data = tmp_path / "data"
@@ -230,7 +230,7 @@ def test_retention_keeps_disk_bounded_and_a_server_left_behind_heals_from_a_snap
         trainer.run(stop, max_seconds=0.05)
         trainer.close()
         if round_ == 0:
-            late_server = RankerRuntime(SCHEMA, data, "late", apply_deltas=False)
+            late_server = RankerRuntime(SCHEMA, data, "late")
         sizes.append(sum(f.stat().st_size for f in data.rglob("*.seg")))
     checkpoints = sorted((data / "trainer").glob("0*"))
     oldest_positions = json.loads((checkpoints[0] / "meta.json").read_text())["positions"]

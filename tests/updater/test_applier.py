@@ -7,8 +7,8 @@ import numpy as np
 from server.features import shipped_schema
 from server.ranker import RankerRuntime
 from updater.applier import DeltaApplier
-from updater.delta import DeltaRecord
-from updater.stream import FileDeltaReader, FileDeltaWriter
+from server.streams.deltas import DeltaRecord
+from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 
 SCHEMA = shipped_schema()
 
@@ -20,7 +20,7 @@ def test_catch_up_applies_the_backlog_and_stops_at_a_fault(tmp_path):
             writer.append(DeltaRecord.sparse(seq, time.time(), np.array([seq], np.uint64),
                                              np.full((1, SCHEMA.dim), seq, np.float32)))
         writer.append(DeltaRecord.sparse(4, time.time(), np.array([4], np.uint64), np.zeros((1, SCHEMA.dim), np.float32)))
-    runtime = RankerRuntime(SCHEMA, tmp_path, "t", apply_deltas=False)
+    runtime = RankerRuntime(SCHEMA, tmp_path, "t")
     try:
         applier = DeltaApplier(runtime, lambda after: FileDeltaReader(deltas, after))
         applier.catch_up()

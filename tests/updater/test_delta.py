@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 
 from server.features import shipped_schema
 from server.ranker import RankerRuntime
-from server.snapshot import load_latest_snapshot, write_snapshot
+from server.streams.snapshots import load_latest_snapshot, write_snapshot
 from server.streams import SegmentLogWriter
 from server.table import EmbeddingTable
 from tests.waiting import wait_until
 from updater.applier import DeltaApplier
-from updater.delta import DENSE, SPARSE, DeltaError, DeltaRecord
-from updater.stream import FileDeltaReader, FileDeltaWriter
+from server.streams.deltas import DENSE, SPARSE, DeltaError, DeltaRecord
+from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 from updater.tools import inspect, verify
 
 SCHEMA = shipped_schema()
@@ -105,7 +105,7 @@ def test_corrupt_delta_is_sticky_and_never_returned(tmp_path):
 
 @pytest.fixture
 def runtime(tmp_path):
-    rt = RankerRuntime(SCHEMA, tmp_path, "t", apply_deltas=False)
+    rt = RankerRuntime(SCHEMA, tmp_path, "t")
     yield rt
     rt.close(snapshot=False)
 

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from server.dense import build_dense
 from server.features import shipped_schema
-from server.snapshot import write_snapshot
+from server.streams.snapshots import write_snapshot
 from server.streams import DELTAS, Streams
 from server.streams.segments import list_segments
 from server.table import EmbeddingTable
-from updater.delta import DeltaRecord
+from server.streams.deltas import DeltaRecord
 from updater.rollback import (RollbackRangeError, plan_rollback, read_control, retained_range, rollback_now,
                               write_control)
-from updater.stream import FileDeltaWriter
+from server.streams.delta_log import FileDeltaWriter
 from tests.stream_state import stream_state
 
 SCHEMA = shipped_schema()

@@ -13,6 +13,7 @@ from server.features import load_schema
 from server.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
                            parse_rank_request)
 from server.shared_ranker import SharedRankerRuntime
+from updater.applier import DeltaApplier
 
 INPUTS = ("user_fids", "item_fids", "request_id", "timestamp")
 METRICS_INTERVAL_S = 1.0
@@ -41,7 +42,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"ranker: parameter shared_table requires 'true' or 'false', got {shared!r}")
         runtime_class = SharedRankerRuntime if shared == "true" else RankerRuntime
-        self.runtime = runtime_class(schema, triton.data_dir(params), args["model_instance_name"])
+        self.runtime = runtime_class(schema, triton.data_dir(params), args["model_instance_name"],
+                                     make_applier=DeltaApplier.following)
         pb_utils.Logger.log_info(f"ranker {args['model_instance_name']}: {self.runtime.startup_message}; "
                                  f"request path warmed up in {self.runtime.warm_up_s:.2f} s")
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}

@@ -2,7 +2,7 @@
 
 ``JetStreamStreams`` (configured by server.streams.bus.BusConfig) has the interface of the local ``Streams`` (server.streams): the ranker,
 feedback model, updater and trainer call the same methods whichever backend ``open_streams``
-gave them. The record bytes are those of the local backend (updater.delta, server.streams.records).
+gave them. The record bytes are those of the local backend (server.streams.deltas, server.streams.records).
 
     local name  JetStream                    subjects                              writers
     FEATURES    stream MONOLITH_FEATURES     monolith.features.<replica>.<instance> every replica

@@ -16,7 +16,7 @@ import zlib
 import nats
 import nats.js.errors
 
-from server.streams import DELTAS, FEATURES, FEEDBACK
+from server.streams.names import DELTAS, FEATURES, FEEDBACK
 from server.streams.bus import BusError
 
 STREAM_NAMES = {FEATURES: "MONOLITH_FEATURES", FEEDBACK: "MONOLITH_FEEDBACK", DELTAS: "MONOLITH_DELTAS"}

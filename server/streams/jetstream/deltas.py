@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING
 import nats
 from nats.js.errors import APIError, NotFoundError
 
-from server.streams import DELTAS
+from server.streams.names import DELTAS
 from server.streams.bus import BusError, FencedError
+from server.streams.deltas import DeltaError, DeltaRecord
 from server.streams.jetstream.client import (DELTA_PUBLISH_BUDGET_S, DELTA_SUBJECT, HEADER_SLACK, LEASE_TTL_S,
                                              PUBLISH_TIMEOUT_S, RETRY_PAUSE_S, STALL_S, STREAM_NAMES,
                                              WRONG_LAST_SEQUENCE, crc, retrying)
@@ -198,9 +199,6 @@ class JetStreamDeltaReader:
     the error is sticky."""
 
     def __init__(self, streams: JetStreamStreams, after_seq: int = 0):
-        from updater.delta import DeltaError  # TODO(issue 21): the delta record moves under server.streams
-
-        self._DeltaError = DeltaError
         self.last_seq = after_seq
         self.duplicates = 0
         self._parts: list = []
@@ -214,8 +212,6 @@ class JetStreamDeltaReader:
         self._follower = Follower(streams, DELTAS, DELTA_SUBJECT, position)
 
     def read(self, max_records: int | None = None):
-        from updater.delta import DeltaRecord
-
         if self._error is not None:
             raise self._error
         if self._follower.stalled(lambda: delta_head(self._streams)[0] > self.last_seq):
@@ -236,16 +232,16 @@ class JetStreamDeltaReader:
                     continue
                 record = DeltaRecord.decode(data)
                 if record.seq != int(msg.headers["Mrt-Seq"]):
-                    raise self._DeltaError(f"record carries seq {record.seq}, its headers say {msg.headers['Mrt-Seq']}")
+                    raise DeltaError(f"record carries seq {record.seq}, its headers say {msg.headers['Mrt-Seq']}")
                 if record.seq <= self.last_seq:
                     self.duplicates += 1
                     log.warning("delta stream: seq %d at stream seq %d is at or below seq %d already read: skipped",
                                 record.seq, msg.metadata.sequence.stream, self.last_seq)
                     continue
                 if record.seq != self.last_seq + 1:
-                    raise self._DeltaError(f"gap: seq {record.seq} follows seq {self.last_seq}")
-            except (self._DeltaError, KeyError, ValueError) as exc:
-                self._error = self._DeltaError(f"delta stream {STREAM_NAMES[DELTAS]} at stream seq "
+                    raise DeltaError(f"gap: seq {record.seq} follows seq {self.last_seq}")
+            except (DeltaError, KeyError, ValueError) as exc:
+                self._error = DeltaError(f"delta stream {STREAM_NAMES[DELTAS]} at stream seq "
                                                f"{msg.metadata.sequence.stream}: {exc}")
                 if not out:
                     raise self._error from exc
@@ -259,21 +255,21 @@ class JetStreamDeltaReader:
         headers = msg.headers or {}
         part, parts = int(headers["Mrt-Part"]), int(headers["Mrt-Parts"])
         if not 0 <= part < parts:
-            raise self._DeltaError(f"part {part} of {parts}")
+            raise DeltaError(f"part {part} of {parts}")
         if part != len(self._parts) or (self._parts and headers["Mrt-Seq"] != self._parts[0].headers["Mrt-Seq"]):
             if part == 0:  # a record cut short (its writer was fenced or died mid-record): never complete
                 log.error("delta stream: record seq %s ended after %d of its parts; dropped",
                           self._parts[0].headers["Mrt-Seq"], len(self._parts))
                 self._parts = []
             else:
-                raise self._DeltaError(f"part {part} of seq {headers['Mrt-Seq']} out of order")
+                raise DeltaError(f"part {part} of seq {headers['Mrt-Seq']} out of order")
         self._parts.append(msg)
         if part + 1 < parts:
             return None
         data = b"".join(m.data for m in self._parts)
         self._parts = []
         if crc(data) != headers["Mrt-Crc"]:
-            raise self._DeltaError(f"seq {headers['Mrt-Seq']}: record checksum {crc(data)}, header says "
+            raise DeltaError(f"seq {headers['Mrt-Seq']}: record checksum {crc(data)}, header says "
                                    f"{headers['Mrt-Crc']}")
         return data
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import nats
 import nats.js.errors
 
-from server.streams import DELTAS
+from server.streams.names import DELTAS
 from server.streams.bus import BusError, FencedError
 from server.streams.jetstream.client import LEASE_BUCKET, LEASE_KEY, LEASE_TTL_S, STREAM_NAMES
 

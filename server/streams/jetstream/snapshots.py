@@ -26,6 +26,7 @@ import nats.js.errors
 from server.streams.bus import BusError
 from server.streams.jetstream.client import POINTER_BUCKET, POINTER_KEY, SNAPSHOT_BUCKET
 from server.streams.jetstream.deltas import position_of
+from server.streams.snapshots import atomic_directory, list_snapshots, snapshot_root
 
 if TYPE_CHECKING:
     from server.streams.jetstream.streams import JetStreamStreams
@@ -88,8 +89,6 @@ class SnapshotStore:
         """Downloads the newest snapshot named by the pointer into ``data_dir``/snapshots/<seq>, unless
         a local snapshot is at least as new; returns the directory written, or None. A download whose
         SHA-256 differs from the pointer's, or a tar holding anything but plain files, is refused."""
-        from server.snapshot import atomic_directory, list_snapshots, snapshot_root
-
         pointer = self.pointer()
         if pointer is None:
             return None

@@ -15,7 +15,8 @@ import nats
 from nats.js import api
 from nats.js.errors import APIError
 
-from server.streams import DELTAS, FEATURES, FEEDBACK, LOGS, Streams
+from server.streams.local import Streams
+from server.streams.names import DELTAS, FEATURES, FEEDBACK, LOGS
 from server.streams.bus import NAME as REPLICA_NAME, BusConfig, BusError
 from server.streams.jetstream.client import (DELTA_SUBJECT, LEASE_BUCKET, LEASE_TTL_S, PING_INTERVAL_S,
                                              POINTER_BUCKET, PUBLISH_TIMEOUT_S, SNAPSHOT_BUCKET, STREAM_NAMES,

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from server.streams import SegmentLogReader, SegmentLogWriter
-from updater.delta import DeltaError, DeltaRecord
+from server.streams.log import SegmentLogReader, SegmentLogWriter
+from server.streams.deltas import DeltaError, DeltaRecord
 
 
 class DeltaWriter(Protocol):

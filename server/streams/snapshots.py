@@ -28,7 +28,8 @@ import torch
 from server.durable import fsync_path
 from server.table import EmbeddingTable, SnapshotError
 from server.tensor_io import decode_tensors, encode_tensors
-from server.streams import SNAPSHOTS, Streams
+from server.streams.local import Streams
+from server.streams.names import SNAPSHOTS
 
 log = logging.getLogger(__name__)
 
