@@ -13,8 +13,8 @@ import pytest
 from loadtest.stack import spawn_stack, wait_trainer_ready
 from server.client import InferError, RankerClient
 from server.features import shipped_schema
-from tests import waiting
 from server.streams.deltas import SPARSE
+from tests import waiting
 from updater.tools import scan
 
 SCHEMA = shipped_schema()

@@ -11,11 +11,11 @@ import pytest
 
 from server.features import shipped_schema
 from server.streams import SegmentLogWriter
+from server.streams.deltas import SPARSE
 from server.streams.records import FeatureRecord, FeedbackRecord
 from tests import waiting
 from trainer.guard import Guard, expiry_breaker
 from trainer.online import OnlineConfig, OnlineTrainer
-from server.streams.deltas import SPARSE
 from updater.rollback import write_control
 from updater.tools import scan
 
