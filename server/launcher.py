@@ -25,7 +25,10 @@ the locked descriptor to tritonserver and closes its own copy, so the lock
 lives exactly as long as that tritonserver (and any model stub that inherited
 it), whoever started it and however its starter died. A second server on the
 same directory is refused at once (DataDirInUse), before it starts anything
-or removes anything of the first. (The ranker's own check at model load,
+or removes anything of the first. Once the recorded holder is dead, the lock
+can only be held by model stubs it left behind, which exit within a second
+of their server: a claim then waits for them (up to ORPHAN_WAIT_S) instead of
+refusing, so a restart right after a crash or a kill -9 goes through. (The ranker's own check at model load,
 server.shared_ranker, still covers a tritonserver started without this class.)
 """
 
@@ -64,24 +67,42 @@ class DataDirInUse(TritonStartError):
 
 
 DATA_DIR_LOCK = "server.lock"
+ORPHAN_WAIT_S = 5.0
 
 
-def claim_data_dir(data_dir: Path) -> int:
+def claim_data_dir(data_dir: Path, orphan_wait_s: float = ORPHAN_WAIT_S) -> int:
     """A descriptor holding the exclusive flock on ``<data_dir>/server.lock``
-    (the directory is created if missing); DataDirInUse if another server holds it."""
+    (the directory is created if missing); DataDirInUse if another server holds it.
+    While the holder recorded in the file is dead, waits up to ``orphan_wait_s``
+    for the stubs it left (module docstring)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / DATA_DIR_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
-        os.close(fd)
-        raise DataDirInUse(f"data directory {data_dir} is in use by another server ({holder}, holding {path}): "
-                           "one data directory requires one server, got two; stop that server or choose another "
-                           "data directory") from None
+    deadline = time.monotonic() + orphan_wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
+            if not _alive(holder) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            raise DataDirInUse(f"data directory {data_dir} is in use by another server ({holder}, holding {path}): "
+                               "one data directory requires one server, got two; stop that server or choose another "
+                               "data directory") from None
     _write_holder(fd, f"starter pid {os.getpid()}")
     return fd
+
+
+def _alive(holder: str) -> bool:
+    """Whether the process a lock file names ("tritonserver pid N") still runs; True when it names none."""
+    word = holder.rsplit(" ", 1)[-1]
+    if not word.isdigit():
+        return True
+    fields = proc_stat(int(word))
+    return fields is not None and fields[0] not in "ZX"
 
 
 def _write_holder(fd: int, holder: str) -> None:
