@@ -24,7 +24,7 @@ import numpy as np
 
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from server.host.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 
 def unbatched_repository(target: Path) -> Path:

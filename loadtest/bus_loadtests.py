@@ -27,7 +27,7 @@ from loadtest.freshness import probe_once, summarize
 from loadtest.histogram import LatencyHistogram
 from server.client import RankerClient
 from server.features import FeatureSchema
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 
 def run_bus_freshness(replicas: int, probes: int, timeout_s: float, sync_interval_ms: float,

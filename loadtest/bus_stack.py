@@ -20,7 +20,7 @@ from pathlib import Path
 from server.streams.bus import BusConfig
 from server.streams.jetstream import JetStreamStreams
 from server.streams.nats_cluster import NatsCluster
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 
 @dataclass

@@ -116,9 +116,9 @@ def _rss_bytes(pid: int) -> int:
 
 def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency: int, window_s: float,
              rounds: int, seed: int, shared_table: bool) -> dict:
-    from server.instances import repository_with_instances
+    from server.host.instances import repository_with_instances
     from server.table.shared import mapping_bytes, shm_directory
-    from server.supervisor import ServeProcess
+    from server.host.supervisor import ServeProcess
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="monolith-bench-instances-") as tmp:

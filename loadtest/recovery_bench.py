@@ -21,7 +21,7 @@ import numpy as np
 from server.client import RankerClient
 from server.dense import build_dense
 from server.features import FeatureSchema
-from server.launcher import TritonServer
+from server.host.launcher import TritonServer
 from server.streams.snapshots import write_snapshot
 from server.table import EmbeddingTable
 from server.streams.deltas import DeltaRecord

@@ -35,7 +35,7 @@ def _percentiles(samples_ms: list[float]) -> dict:
 
 def bench_serving(url: str | None, protocol: str, candidates: int, requests: int, seed: int = 0,
                   direct_url: str | None = None, api_key: str | None = None) -> dict:
-    from server.supervisor import ServeProcess
+    from server.host.supervisor import ServeProcess
 
     schema = shipped_schema()
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 
 @contextmanager

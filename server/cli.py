@@ -72,7 +72,7 @@ def _run_bench_table(args: argparse.Namespace) -> int:
 
 
 def _run_bench_scoring(args: argparse.Namespace) -> int:
-    from server.scoring_bench import bench_scoring, format_scoring_report
+    from server.runtime.scoring_bench import bench_scoring, format_scoring_report
 
     emit(bench_scoring(schema(), requests=args.requests, candidates=args.candidates, calls=args.calls,
                        seed=args.seed, busy_cores=args.busy_cores), args.json, format_scoring_report)
@@ -94,10 +94,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from server.clock import TimeWindow
     from server.front import ApiKeyError, FrontLimits, api_key_file_from
-    from server.launcher import DEFAULT_MODEL_REPOSITORY, DataDirInUse, TritonStartError
+    from server.host.launcher import DEFAULT_MODEL_REPOSITORY, DataDirInUse, TritonStartError
     from server.streams.bus import BusError
     from server.streams.bus_options import configure_bus
-    from server.supervisor import RestartPolicy, ServeConfig, Supervisor
+    from server.host.supervisor import RestartPolicy, ServeConfig, Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -215,7 +215,7 @@ def add_commands(commands, bench) -> None:
     table.set_defaults(run=_run_bench_table)
     scoring = bench.add_parser(
         "scoring", help="the ranker's serving forward vs numpy pooling + the torch DeepFM",
-        description="Times server.scoring.DeepFMScorer (pooling, FM, DeepFM, sigmoid for R requests of N "
+        description="Times server.runtime.scoring.DeepFMScorer (pooling, FM, DeepFM, sigmoid for R requests of N "
         "candidates) against the same probabilities computed with numpy pooling and the torch module, one "
         "thread each, in the same run (a few seconds).")
     scoring.add_argument("--requests", type=positive_int, default=1, help="requests per call R (default 1)")

@@ -124,4 +124,4 @@ def test_no_import_cycles():
 def test_the_checker_sees_imports_inside_functions_but_not_typing_only_ones():
     tree = ast.parse("def f():\n    from updater.applier import DeltaApplier\n    importlib.import_module('trainer.cli')\n"
                      "if TYPE_CHECKING:\n    from loadtest.cli import main\n")
-    assert {t for t, _ in _imported("server.ranker", tree)} == {"updater.applier", "trainer.cli"}
+    assert {t for t, _ in _imported("server.runtime.ranker", tree)} == {"updater.applier", "trainer.cli"}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from server.features import FeatureSchema
-from server.ranker import RankerRuntime
+from server.runtime.ranker import RankerRuntime
 from updater.applier import DeltaApplier
 from server.streams.deltas import DeltaRecord
 from server.streams.delta_log import FileDeltaReader, FileDeltaWriter

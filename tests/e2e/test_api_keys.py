@@ -17,7 +17,7 @@ from server.front.auth import ENV_API_KEY_FILE, ApiKeyError, api_key_file_from, 
 from server.procs import group_members
 from server.streams.records import FeatureRecord
 from server.streams import SegmentLogReader
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])

@@ -34,7 +34,7 @@ import torch
 
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.launcher import TritonServer
+from server.host.launcher import TritonServer
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader
 from server.streams.snapshots import list_snapshots, load_latest_snapshot

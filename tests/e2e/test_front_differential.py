@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 from tests.waiting import wait_until
 
 ECHO_REPOSITORY = Path(__file__).resolve().parent / "echo_repository"

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from server.front.grpc import SERVICE
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 from tests.e2e.test_front_differential import ECHO_REPOSITORY
 from tests.waiting import wait_until
 

@@ -10,7 +10,7 @@ import torch
 from server.client import RankerClient
 from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
-from server.launcher import TritonServer
+from server.host.launcher import TritonServer
 from server.streams import SegmentLogWriter
 from server.streams.snapshots import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable

@@ -9,7 +9,7 @@ import pytest
 
 from server.client import InferError, RankerClient
 from server.features import shipped_schema
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 from tests.waiting import wait_until
 from trainer.joiner_metrics import JOINER_DIR, METRICS_FILE
 from trainer.online import OnlineConfig, OnlineTrainer

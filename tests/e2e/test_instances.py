@@ -12,10 +12,10 @@ import pytest
 
 from server.client import InferError, RankerClient
 from server.features import PAD_FID, shipped_schema
-from server.instances import repository_with_instances
-from server.launcher import TritonServer
+from server.host.instances import repository_with_instances
+from server.host.launcher import TritonServer
 from server.procs import processes
-from server.ranker import RankerRuntime, RankRequest
+from server.runtime.ranker import RankerRuntime, RankRequest
 from server.table.shared import WRITER_PID, shm_directory
 from tests import waiting
 from server.streams.deltas import DeltaRecord

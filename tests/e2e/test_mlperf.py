@@ -11,7 +11,7 @@ import pytest
 from loadtest.latency import populate_snapshot
 from loadtest.mlperf import MlperfConfig, replay_requests, run_mlperf
 from server.features import shipped_schema
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 SCHEMA = shipped_schema()
 CANDIDATES = 20

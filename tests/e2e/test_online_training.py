@@ -9,7 +9,7 @@ from tests.logs import write_action, write_feature
 from tests.waiting import wait_until
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.launcher import TritonServer
+from server.host.launcher import TritonServer
 from server.streams import SegmentLogWriter
 from trainer.online import OnlineConfig, OnlineTrainer
 

@@ -25,7 +25,7 @@ from server.features import fid, shipped_schema
 from server.procs import group_members
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.streams import FEATURES, FEEDBACK, SegmentLogReader, Streams
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])

@@ -14,7 +14,7 @@ import torch
 from server.client import RankerClient
 from server.dense import build_dense
 from server.features import shipped_schema
-from server.launcher import TritonServer
+from server.host.launcher import TritonServer
 from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from tests.stream_state import stream_state

@@ -11,8 +11,8 @@ import pytest
 from server.client import InferError, RankerClient
 from server.dense import build_dense
 from server.features import fid, shipped_schema
-from server.launcher import TritonServer
-from server.ranker import RankerRuntime, RankRequest
+from server.host.launcher import TritonServer
+from server.runtime.ranker import RankerRuntime, RankRequest
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.streams import SegmentLogReader
 from server.streams.snapshots import write_snapshot

@@ -12,7 +12,7 @@ import pytest
 
 from server.client import RankerClient
 from server.procs import group_members
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 from tests.e2e.test_supervisor import rank_or_none, restarted_pid
 from tests.waiting import wait_until
 from updater.tools import SyntheticProducer

@@ -13,11 +13,11 @@ import pytest
 
 from server.client import InferError, RankerClient
 from server.features import fid, shipped_schema
-from server.launcher import TritonServer
+from server.host.launcher import TritonServer
 from server.procs import group_members
 from server.streams.records import FeedbackRecord
 from server.streams import SegmentLogReader, SegmentLogWriter
-from server.supervisor import EXIT_GAVE_UP, ServeProcess
+from server.host.supervisor import EXIT_GAVE_UP, ServeProcess
 from tests.waiting import wait_until
 from updater.tools import SyntheticProducer
 

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from server.client import RankerClient
 from server.features import shipped_schema
 from server.procs import group_members
-from server.supervisor import ServeProcess
+from server.host.supervisor import ServeProcess
 
 SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])
@@ -126,7 +126,7 @@ def test_a_trickled_chunked_body_holds_no_one_else_up(server, unharmed):
 
 
 def python_backend_regions(server) -> list[str]:
-    """The shared-memory regions of this server's Python-backend stubs (server.launcher's shm prefix)."""
+    """The shared-memory regions of this server's Python-backend stubs (server.host.launcher's shm prefix)."""
     tag = f"monolith_{server.process.pid}_{server.triton_http_url.rsplit(':', 1)[1]}_"
     regions = sorted(name for name in os.listdir("/dev/shm") if tag in name)
     assert regions, f"no /dev/shm/*{tag}* region"

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.launcher import claim_data_dir
+from server.host.launcher import claim_data_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.features import PAD_FID, FeatureSchema, Slot, fid, fids, load_schema, slot_of
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from server.host.launcher import DEFAULT_MODEL_REPOSITORY
 from server.streams.records import FeatureRecord, FeedbackRecord
 from server.tensor_io import decode_tensors, encode_tensors
 

@@ -206,7 +206,7 @@ def test_retention_keeps_disk_bounded_and_a_server_left_behind_heals_from_a_snap
     server whose position fell behind the deleted deltas loads a snapshot."""
     import time as clock
 
-    from server.ranker import RankerRuntime
+    from server.runtime.ranker import RankerRuntime
     from server.streams.snapshots import list_snapshots, load_latest_snapshot
     from updater.applier import DeltaApplier
     from server.streams.delta_log import FileDeltaReader

@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from server.features import shipped_schema
-from server.ranker import RankerRuntime
+from server.runtime.ranker import RankerRuntime
 from updater.applier import DeltaApplier
 from server.streams.deltas import DeltaRecord
 from server.streams.delta_log import FileDeltaReader, FileDeltaWriter

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.features import shipped_schema
-from server.ranker import RankerRuntime
+from server.runtime.ranker import RankerRuntime
 from server.streams.snapshots import load_latest_snapshot, write_snapshot
 from server.streams import SegmentLogWriter
 from server.table import EmbeddingTable

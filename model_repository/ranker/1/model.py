@@ -1,4 +1,4 @@
-"""Triton adapter for the ranker: tensors in, server.ranker, tensors out."""
+"""Triton adapter for the ranker: tensors in, server.runtime.ranker, tensors out."""
 
 import gc
 import json
@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from server import triton_adapter as triton
+from server.runtime import triton_adapter as triton
 from server.clock import TimeWindow
 from server.features import load_schema
-from server.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
+from server.runtime.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
                            parse_rank_request)
-from server.shared_ranker import SharedRankerRuntime
+from server.runtime.shared_ranker import SharedRankerRuntime
 from updater.applier import DeltaApplier
 
 INPUTS = ("user_fids", "item_fids", "request_id", "timestamp")

@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from server.launcher import DEFAULT_MODEL_REPOSITORY
+from server.host.launcher import DEFAULT_MODEL_REPOSITORY
 
 _COUNT = re.compile(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)(\d+)")
 _SHARED = re.compile(r'(key: "shared_table"\s*value: \{ string_value: ")(\w+)(")')

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from server.cli import main
 from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
-from server.scoring import DeepFMScorer
-from server.scoring_bench import reference_probs
+from server.runtime.scoring import DeepFMScorer
+from server.runtime.scoring_bench import reference_probs
 
 SCHEMA = shipped_schema()
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from server.instances import repository_with_instances
+from server.host.instances import repository_with_instances
 
 
 def test_count_and_shared_table_are_rewritten_and_nothing_else(tmp_path):
-    from server.launcher import DEFAULT_MODEL_REPOSITORY
+    from server.host.launcher import DEFAULT_MODEL_REPOSITORY
 
     repo = repository_with_instances(tmp_path / "repo", 3, shared_table=False)
     shipped = (DEFAULT_MODEL_REPOSITORY / "ranker" / "config.pbtxt").read_text()

@@ -36,7 +36,7 @@ import torch
 from server.clock import FLAGS, TimeWindow
 from server.dense import build_dense
 from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
-from server.scoring import DeepFMScorer
+from server.runtime.scoring import DeepFMScorer
 from server.streams import FEATURES, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.streams.records import FeatureRecord
 from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 4096
 MAX_REQUEST_ID_BYTES = 256
-IMPRESSION_ID_BYTES = 32  # 128 random bits as lowercase hex: server.ranker.new_impression_ids
+IMPRESSION_ID_BYTES = 32  # 128 random bits as lowercase hex: server.runtime.ranker.new_impression_ids
 FEATURE_LOG_QUEUE = 10_000
 FEATURE_LOG_SUBMIT_TIMEOUT_S = 0.05
 FEATURE_LOG_LINGER_S = 0.02  # one append run + fsync per 20 ms under load, not per batch

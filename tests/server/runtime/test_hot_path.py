@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.features import PAD_FID, shipped_schema, slot_of
-from server.ranker import EMPTY_KEY, _first_bad_fid
+from server.runtime.ranker import EMPTY_KEY, _first_bad_fid
 
 SCHEMA = shipped_schema()
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from server.features import PAD_FID, shipped_schema
-from server.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, parse_rank_request
-from server.scoring_bench import reference_pool
+from server.runtime.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, parse_rank_request
+from server.runtime.scoring_bench import reference_pool
 
 SCHEMA = shipped_schema()
 
@@ -52,7 +52,7 @@ def test_parse_rejects_before_scoring():
 
 
 def test_impression_ids_are_unique_hex_and_logged_with_the_features(tmp_path):
-    from server.ranker import IMPRESSION_ID_BYTES, new_impression_ids, parse_impression_id
+    from server.runtime.ranker import IMPRESSION_ID_BYTES, new_impression_ids, parse_impression_id
     from server.streams import SegmentLogReader
     from server.streams.records import FeatureRecord
 

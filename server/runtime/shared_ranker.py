@@ -47,7 +47,7 @@ from pathlib import Path
 
 from server.dense import build_dense
 from server.procs import proc_stat
-from server.ranker import RankerRuntime
+from server.runtime.ranker import RankerRuntime
 from server.table.cuckoo import SLOTS
 from server.table.shared import SharedEmbeddingTable, shm_directory
 from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot

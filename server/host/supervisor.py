@@ -8,7 +8,7 @@ Supervision: when tritonserver exits without being asked to (crash, OOM
 kill, kill -9), or one of its model stubs does (Triton would keep that model
 instance failing every request while reporting ready), its whole process group is killed and reaped (no model stub
 outlives it: this process is the stubs' child subreaper, and each stub also
-exits on its own when its parent goes, see server.triton_adapter), then it
+exits on its own when its parent goes, see server.runtime.triton_adapter), then it
 is started again after a backoff (0.5 s, doubling, at most 10 s). A start
 loads the newest snapshot and replays the delta stream, so it serves at the
 same or a newer delta_seq; acknowledged feedback is already on disk. More
@@ -36,7 +36,7 @@ from server.front.auth import load_api_key
 from server.front.grpc import GrpcFront
 from server.front.http import HttpFront, MetricsFront
 from server.front.validate import FrontLimits
-from server.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+from server.host.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
 from server.procs import free_port, processes
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class ServeProcess:
                "--grpc-port", "0", "--metrics-port", "0", *self.extra_args]
         with open(self.stderr_path, "ab") as stderr:
             self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                            env=self.env, cwd=Path(__file__).resolve().parent.parent)
+                                            env=self.env, cwd=Path(__file__).resolve().parents[2])
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()

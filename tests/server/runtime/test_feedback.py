@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from server.feedback import parse_feedback_request
-from server.ranker import RequestError, new_impression_ids
+from server.runtime.feedback import parse_feedback_request
+from server.runtime.ranker import RequestError, new_impression_ids
 
 
 def inputs(labels, **extra):

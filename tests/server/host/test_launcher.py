@@ -1,4 +1,4 @@
-"""The data directory lock (server.launcher.claim_data_dir): one server per data directory."""
+"""The data directory lock (server.host.launcher.claim_data_dir): one server per data directory."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from server.launcher import DataDirInUse, claim_data_dir
+from server.host.launcher import DataDirInUse, claim_data_dir
 
 
 def test_the_lock_refuses_a_second_claim_until_its_holder_lets_go(tmp_path):

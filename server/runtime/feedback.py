@@ -21,7 +21,7 @@ import numpy as np
 
 from server.features import PAD_FID
 from server.clock import TimeWindow
-from server.ranker import DEFAULT_WINDOW, RequestError, _expect, parse_impression_id, parse_request_id, parse_time
+from server.runtime.ranker import DEFAULT_WINDOW, RequestError, _expect, parse_impression_id, parse_request_id, parse_time
 from server.streams.records import FeedbackRecord
 from server.streams import FEEDBACK, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.table import EMPTY_KEY

@@ -2,7 +2,7 @@
 
 For R requests of N candidates in the shipped schema's layout (random rows,
 padding as real requests have it), per call, best of several repeats:
-    scorer_us   server.scoring.DeepFMScorer (numba pass + two BLAS products)
+    scorer_us   server.runtime.scoring.DeepFMScorer (numba pass + two BLAS products)
     torch_us    the same probabilities the straightforward way: pooling in
                 numpy, the user fields repeated per candidate, the torch
                 DeepFM (server.dense) under inference_mode, then a sigmoid
@@ -28,7 +28,7 @@ import torch
 
 from server.dense import build_dense
 from server.features import PAD_FID, FeatureSchema
-from server.scoring import DeepFMScorer
+from server.runtime.scoring import DeepFMScorer
 
 _REPEATS = 7
 

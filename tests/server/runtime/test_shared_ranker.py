@@ -9,8 +9,8 @@ import torch
 
 from server.dense import build_dense
 from server.features import PAD_FID, shipped_schema
-from server.ranker import RankRequest
-from server.shared_ranker import SERVER_PID, SharedRankerRuntime, process_identity
+from server.runtime.ranker import RankRequest
+from server.runtime.shared_ranker import SERVER_PID, SharedRankerRuntime, process_identity
 from server.streams.snapshots import list_snapshots, write_snapshot
 from updater.applier import DeltaApplier
 from server.table import EmbeddingTable

@@ -29,7 +29,7 @@ or removes anything of the first. Once the recorded holder is dead, the lock
 can only be held by model stubs it left behind, which exit within a second
 of their server: a claim then waits for them (up to ORPHAN_WAIT_S) instead of
 refusing, so a restart right after a crash or a kill -9 goes through. (The ranker's own check at model load,
-server.shared_ranker, still covers a tritonserver started without this class.)
+server.runtime.shared_ranker, still covers a tritonserver started without this class.)
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from pathlib import Path
 
 from server.procs import free_port, group_members, proc_stat, processes
 
-DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 _READY_POLL_S = 0.1
 _LOST_STUB_GRACE_S = 5.0
 
