@@ -65,9 +65,9 @@ def run_bus_freshness(replicas: int, probes: int, timeout_s: float, sync_interva
 
 def run_bus_latency(schema: FeatureSchema, concurrency: int | None, rate: float | None, duration_s: float,
                     warmup_s: float, rounds: int, candidates: int, seed: int, protocol: str = "grpc") -> dict:
-    from loadtest.latency import _requests, _window, populate_snapshot  # one definition of the load and the data
+    from loadtest.latency import synthetic_requests, run_window, populate_snapshot  # one definition of the load and the data
 
-    requests = _requests(schema, 500, candidates, seed)
+    requests = synthetic_requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
     prepare = populate_snapshot(schema, requests, seed)
     with ExitStack() as stack:
@@ -81,7 +81,7 @@ def run_bus_latency(schema: FeatureSchema, concurrency: int | None, rate: float 
         urls = {name: (s.grpc_url if protocol == "grpc" else s.http_url) for name, s in servers.items()}
         for name, url in urls.items():
             print(f"[latency] warm-up {name} {warmup_s:.0f} s", file=sys.stderr, flush=True)
-            _window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, "poisson", 1_000_000, rng)
+            run_window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, "poisson", 1_000_000, rng)
         results = {name: {"hist": LatencyHistogram(), "errors": Counter(), "elapsed": 0.0, "nats_cpu_s": 0.0}
                    for name in urls}
         window_s = duration_s / rounds
@@ -89,7 +89,7 @@ def run_bus_latency(schema: FeatureSchema, concurrency: int | None, rate: float 
             for name in (("local", "nats") if r % 2 == 0 else ("nats", "local")):
                 print(f"[latency] round {r + 1}/{rounds}: {name} for {window_s:.1f} s", file=sys.stderr, flush=True)
                 cpu_before = bus.cluster.cpu_seconds()
-                hist, errors, elapsed, _ = _window(urls[name], protocol, "ranker", requests, window_s, rate,
+                hist, errors, elapsed, _ = run_window(urls[name], protocol, "ranker", requests, window_s, rate,
                                                    concurrency, "poisson", 1_000_000, rng)
                 results[name]["nats_cpu_s"] += bus.cluster.cpu_seconds() - cpu_before
                 results[name]["hist"].add(hist)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.latency import _request_fids, _requests, _window
+from loadtest.latency import request_fids, synthetic_requests, run_window
 from server.features import FeatureSchema
 from server.procs import cpu_seconds, processes
 
@@ -53,7 +53,7 @@ def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: 
     from server.table import EmbeddingTable
 
     rng = np.random.default_rng(seed)
-    pool = _request_fids(requests)
+    pool = request_fids(requests)
     extra = np.uint64(10 << 48) | rng.integers(0, 1 << 48, max(0, rows - pool.shape[0]), dtype=np.uint64)
     fids = np.unique(np.concatenate([pool, extra]))
     table = EmbeddingTable(schema.dim, capacity=int(fids.shape[0] / 0.9))
@@ -129,13 +129,13 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
         print(f"[bench instances] {count} instance(s): starting monolith-rt serve", file=sys.stderr, flush=True)
         with ServeProcess(data_dir, extra_args=["--model-repository", str(repo)]) as serve:
             url = serve.triton_grpc_url
-            _window(url, "grpc", "ranker", requests, 2.0, None, concurrency, "poisson", 1_000_000, rng)
+            run_window(url, "grpc", "ranker", requests, 2.0, None, concurrency, "poisson", 1_000_000, rng)
             counted = {"ranker": [0, 0.0], "baseline": [0, 0.0]}
             cpu = _CpuSplit(serve.triton_pid, {m: _model_stubs(serve.triton_pid, m) for m in counted})
             for r in range(rounds):
                 for model in ("ranker", "baseline"):
                     print(f"[bench instances] {count}: round {r + 1}/{rounds} {model}", file=sys.stderr, flush=True)
-                    hist, errors, elapsed, _ = cpu.measure(model, lambda m=model: _window(
+                    hist, errors, elapsed, _ = cpu.measure(model, lambda m=model: run_window(
                         url, "grpc", m, requests, window_s, None, concurrency, "poisson", 1_000_000, rng))
                     if errors:
                         raise RuntimeError(f"{model} answered errors under load: {dict(errors)}")
@@ -164,7 +164,7 @@ def bench_instances(schema: FeatureSchema, counts: list[int], rows: int, candida
         raise ValueError(f"--instances requires counts >= 1, got {counts}")
     if rows < 1:
         raise ValueError(f"--rows requires >= 1, got {rows}")
-    requests = _requests(schema, 200, candidates, seed)
+    requests = synthetic_requests(schema, 200, candidates, seed)
     started = time.monotonic()
     result = {"rows_in_table": rows, "candidates": candidates, "concurrency": concurrency, "window_s": window_s,
               "rounds": rounds,

@@ -64,7 +64,7 @@ def populate_snapshot(schema: FeatureSchema, requests, seed: int):
         from server.table import EmbeddingTable
 
         rng = np.random.default_rng(seed)
-        pool = _request_fids(requests)
+        pool = request_fids(requests)
         extra = random_fids(10, rng, _SNAPSHOT_EXTRA_ROWS)
         fids = np.unique(np.concatenate([pool, extra]))
         table = EmbeddingTable(schema.dim, capacity=int(fids.shape[0] / 0.9))
@@ -73,19 +73,21 @@ def populate_snapshot(schema: FeatureSchema, requests, seed: int):
     return prepare
 
 
-def _request_fids(requests) -> np.ndarray:
+def request_fids(requests) -> np.ndarray:
+    """Every FID ``requests`` ((user FIDs, item FIDs) pairs) name, without padding, sorted once."""
     pool = np.unique(np.concatenate([np.concatenate([u, i.ravel()]) for u, i in requests]))
     return pool[pool != 0]
 
 
-def _requests(schema: FeatureSchema, n: int, candidates: int, seed: int):
+def synthetic_requests(schema: FeatureSchema, n: int, candidates: int, seed: int):
+    """``n`` encoded ranking requests of ``candidates`` random items each (users 1..2000, items 1..5000)."""
     rng = np.random.default_rng(seed)
     return [schema.encode_request({"user_id": int(u), "hour": int(h)},
                                   [{"item_id": int(i), "item_genres": ["Drama"]} for i in rng.integers(1, 5000, candidates)])
             for u, h in zip(rng.integers(1, 2000, n), rng.integers(0, 24, n))]
 
 
-def _schedule(rate: float, duration_s: float, arrival: str, rng) -> np.ndarray:
+def arrival_schedule(rate: float, duration_s: float, arrival: str, rng) -> np.ndarray:
     """Intended send times (seconds from the window's start)."""
     n = int(rate * duration_s * 1.5) + 10
     if arrival == "constant":
@@ -95,15 +97,20 @@ def _schedule(rate: float, duration_s: float, arrival: str, rng) -> np.ndarray:
     return times[times < duration_s]
 
 
-def _window(url: str, protocol: str, model: str, requests, duration_s: float, rate: float | None,
-            concurrency: int | None, arrival: str, max_requests: int, rng, api_key: str | None = None) -> tuple[LatencyHistogram, Counter, int, list]:
+def run_window(url: str, protocol: str, model: str, requests, duration_s: float, rate: float | None,
+               concurrency: int | None, arrival: str, max_requests: int, rng,
+               api_key: str | None = None) -> tuple[LatencyHistogram, Counter, float, list]:
+    """One timed window of load on ``model``: open loop at ``rate`` req/s (``arrival`` "poisson" or
+    "constant", latency measured from each request's intended send time, so queueing counts) or, with
+    ``rate`` None, closed loop with ``concurrency`` clients; at most ``max_requests``, cycling over
+    ``requests``. Returns (latency histogram, errors by kind, seconds elapsed, [(sent at s, latency ms)])."""
     histogram = LatencyHistogram()
     errors: Counter = Counter()
     timeline: list = []
     lock = threading.Lock()
     clock = {"start": 0.0, "stop_at": 0.0}
     if rate is not None:
-        due = _schedule(rate, duration_s, arrival, rng)[:max_requests]
+        due = arrival_schedule(rate, duration_s, arrival, rng)[:max_requests]
         threads = _THREADS_OPEN_LOOP
     else:
         due = None
@@ -228,7 +235,7 @@ def run_latency(schema: FeatureSchema, config: LatencyConfig) -> dict:
     duration_s, warmup_s, candidates, rounds, seed, api_key = (c.duration_s, c.warmup_s, c.candidates, c.rounds,
                                                                c.seed, c.api_key)
     with_updates, baseline, data_dir, metrics_url = c.with_updates, c.baseline, c.data_dir, c.metrics_url
-    requests = _requests(schema, 500, candidates, seed)
+    requests = synthetic_requests(schema, 500, candidates, seed)
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
         target = target_url(stack, url, protocol, "latency", prepare=populate_snapshot(schema, requests, seed))
@@ -238,12 +245,12 @@ def run_latency(schema: FeatureSchema, config: LatencyConfig) -> dict:
             if data_dir is None:
                 raise ValueError("--with-updates needs the server's --data-dir (or spawn one)")
             producer = SyntheticProducer(Streams(data_dir).path(DELTAS), with_updates, dim=schema.dim,
-                                         fids=_request_fids(requests), interval_s=0.05, seed=seed,
+                                         fids=request_fids(requests), interval_s=0.05, seed=seed,
                                          new_share=_NEW_FID_SHARE)
             stack.callback(producer.close)
         variants = ["ranker"] + (["ranker+updates"] if producer else []) + (["baseline"] if baseline else [])
         print(f"[latency] warm-up {warmup_s:.0f} s", file=sys.stderr, flush=True)
-        _window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, arrival, max_requests, rng, api_key)
+        run_window(url, protocol, "ranker", requests, warmup_s, rate, concurrency, arrival, max_requests, rng, api_key)
         results = {v: {"hist": LatencyHistogram(), "errors": Counter(), "elapsed": 0.0, "timeline": [],
                        "server": []} for v in variants}
         window_s = duration_s / rounds
@@ -259,7 +266,7 @@ def run_latency(schema: FeatureSchema, config: LatencyConfig) -> dict:
                     feeding_since = time.perf_counter()
                     feeder.start()
                 before = _server_stats(url, protocol, model, api_key)
-                hist, errors, elapsed, timeline = _window(url, protocol, model, requests, window_s, rate,
+                hist, errors, elapsed, timeline = run_window(url, protocol, model, requests, window_s, rate,
                                                           concurrency, arrival, max_requests, rng, api_key)
                 after = _server_stats(url, protocol, model, api_key)
                 stop.set()

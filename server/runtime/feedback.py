@@ -21,7 +21,7 @@ import numpy as np
 
 from server.features import PAD_FID
 from server.clock import TimeWindow
-from server.runtime.ranker import DEFAULT_WINDOW, RequestError, _expect, parse_impression_id, parse_request_id, parse_time
+from server.runtime.ranker import DEFAULT_WINDOW, RequestError, expect_tensor, parse_impression_id, parse_request_id, parse_time
 from server.streams.records import FeedbackRecord
 from server.streams import FEEDBACK, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.table import EMPTY_KEY
@@ -37,8 +37,8 @@ def parse_feedback_request(inputs: Mapping[str, np.ndarray | None], now_s: float
     time) is refused (server.clock)."""
     request_id = parse_request_id(inputs.get("request_id"))
     impression_id = parse_impression_id(inputs.get("impression_id"))
-    items = _expect("item_fids", inputs.get("item_fids"), np.uint64, 1)
-    labels = _expect("labels", inputs.get("labels"), np.float32, 1)
+    items = expect_tensor("item_fids", inputs.get("item_fids"), np.uint64, 1)
+    labels = expect_tensor("labels", inputs.get("labels"), np.float32, 1)
     if not 1 <= items.shape[0] <= MAX_ACTIONS:
         raise RequestError(f"input 'item_fids' requires 1 to {MAX_ACTIONS} actions, got {items.shape[0]}")
     if labels.shape != items.shape:

@@ -70,7 +70,8 @@ class RankRequest:
     item_fids: np.ndarray  # uint64[N, Wi]
 
 
-def _expect(name: str, value: np.ndarray | None, dtype, ndim: int) -> np.ndarray:
+def expect_tensor(name: str, value: np.ndarray | None, dtype, ndim: int) -> np.ndarray:
+    """``value`` if it is present with ``dtype`` and rank ``ndim``, else RequestError naming input ``name``."""
     if value is None:
         raise RequestError(f"input '{name}' is required but missing")
     if value.dtype != dtype:
@@ -130,11 +131,11 @@ def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureS
                        window: TimeWindow = DEFAULT_WINDOW) -> RankRequest:
     """Validates one request's tensors (name -> array, None if absent); ``now_s`` is the server's receive
     time, and a client's ``timestamp`` outside ``window`` around it is refused (server.clock)."""
-    user = _expect("user_fids", inputs.get("user_fids"), np.uint64, 1)
+    user = expect_tensor("user_fids", inputs.get("user_fids"), np.uint64, 1)
     if user.shape[0] != schema.user_width:
         raise RequestError(f"input 'user_fids' requires {schema.user_width} FIDs (user and context slots "
                            f"in schema order), got {user.shape[0]}")
-    items = _expect("item_fids", inputs.get("item_fids"), np.uint64, 2)
+    items = expect_tensor("item_fids", inputs.get("item_fids"), np.uint64, 2)
     n, width = items.shape
     if width != schema.item_width:
         raise RequestError(f"input 'item_fids' requires {schema.item_width} columns per candidate, got {width}")
@@ -148,7 +149,7 @@ def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureS
 
 
 def parse_request_id(value: np.ndarray | None) -> bytes:
-    value = _expect("request_id", value, np.object_, 1)
+    value = expect_tensor("request_id", value, np.object_, 1)
     if value.shape[0] != 1:
         raise RequestError(f"input 'request_id' requires shape [1], got {list(value.shape)}")
     rid = value[0]
@@ -178,7 +179,7 @@ def parse_impression_id(value: np.ndarray | None) -> bytes:
     returned (IMPRESSION_ID_BYTES lowercase hex characters)."""
     if value is None:
         return b""
-    value = _expect("impression_id", value, np.object_, 1)
+    value = expect_tensor("impression_id", value, np.object_, 1)
     if value.shape[0] != 1:
         raise RequestError(f"input 'impression_id' requires shape [1], got {list(value.shape)}")
     iid = value[0]
@@ -197,7 +198,7 @@ def parse_time(name: str, value: np.ndarray | None, now_s: float, window: TimeWi
     refused when outside ``window`` around ``now_s``."""
     if value is None:
         return now_s
-    value = _expect(name, value, np.float64, 1)
+    value = expect_tensor(name, value, np.float64, 1)
     if value.shape[0] != 1:
         raise RequestError(f"input '{name}' requires shape [1], got {list(value.shape)}")
     t = float(value[0])

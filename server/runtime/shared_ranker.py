@@ -49,7 +49,7 @@ from server.dense import build_dense
 from server.procs import proc_stat
 from server.runtime.ranker import RankerRuntime
 from server.table.cuckoo import SLOTS
-from server.table.shared import SharedEmbeddingTable, shm_directory
+from server.table.shared import FileLock, SharedEmbeddingTable, shm_directory
 from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
 from server.tensor_io import decode_tensors, encode_tensors
@@ -72,20 +72,10 @@ def process_identity(pid: int) -> int | None:
     return int.from_bytes(digest[:8], "little") >> 1 or 1
 
 
-class _Lock:
-    def __init__(self, path: Path, mode: int):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, mode)
-
-    def try_exclusive(self) -> bool:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def close(self) -> None:
-        os.close(self.fd)  # drops the flock
+def _locked(path: Path, mode: int) -> FileLock:
+    lock = FileLock(path)
+    lock.acquire(mode=mode)
+    return lock
 
 
 class SharedRankerRuntime(RankerRuntime):
@@ -111,13 +101,13 @@ class SharedRankerRuntime(RankerRuntime):
         owner = process_identity(self._server_pid)
         if owner is None:
             raise RuntimeError(f"shared table requires a live tritonserver (pid {self._server_pid}), found none")
-        setup = _Lock(data_dir / "shared-table.lock", fcntl.LOCK_EX)
+        setup = _locked(data_dir / "shared-table.lock", fcntl.LOCK_EX)
         try:
             table = self._attach(directory, owner)
             created = table is None
             if created:
                 table = self._create(directory, owner)
-            self._members = _Lock(directory / "members.lock", fcntl.LOCK_SH)
+            self._members = _locked(directory / "members.lock", fcntl.LOCK_SH)
         finally:
             setup.close()
         self._shared = table
@@ -258,7 +248,7 @@ class SharedRankerRuntime(RankerRuntime):
         self.feature_log.close()
         self.streams.close()
         written = None
-        setup = _Lock(self.data_dir / "shared-table.lock", fcntl.LOCK_EX)
+        setup = _locked(self.data_dir / "shared-table.lock", fcntl.LOCK_EX)
         try:
             table = self._shared
             seq = self.delta_seq
@@ -268,7 +258,7 @@ class SharedRankerRuntime(RankerRuntime):
                 written = write_snapshot(self.data_dir, table, self._dense.state_dict(), seq)
                 log.info("wrote serving snapshot %s at delta_seq %d", written, seq)
             table.close()
-            if self._members.try_exclusive():  # the last instance of this server
+            if self._members.acquire(blocking=False):  # the last instance of this server
                 SharedEmbeddingTable.remove(table.directory)
             self._members.close()
         finally:

@@ -68,7 +68,7 @@ class SnapshotError(ValueError):
     """A snapshot file is corrupt, truncated or of another format."""
 
 
-class _Arrays:
+class TableArrays:
     """One generation of the table's storage; replaced whole on growth."""
 
     __slots__ = ("keys", "rows", "stamps", "versions", "max_count", "generation")
@@ -79,7 +79,7 @@ class _Arrays:
         self.generation = generation
 
     @classmethod
-    def anonymous(cls, n_buckets: int, dim: int, max_load_factor: float, stripes: int) -> "_Arrays":
+    def anonymous(cls, n_buckets: int, dim: int, max_load_factor: float, stripes: int) -> "TableArrays":
         capacity = n_buckets * SLOTS
         keys = _zeros_on_huge_pages((capacity,), np.uint64)
         keys.fill(EMPTY_KEY)
@@ -107,7 +107,7 @@ def _zeros_on_huge_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def _pow2_at_least(n: int) -> int:
+def pow2_at_least(n: int) -> int:
     return 1 << max(1, (int(n) - 1).bit_length())
 
 
@@ -135,7 +135,7 @@ class EmbeddingTable:
         stripes: int = 1 << 14,
     ):
         self._configure(dim, max_load_factor, sketch_width, sketch_depth, stripes)
-        n_buckets = max(2, _pow2_at_least(-(-int(capacity) // SLOTS)))
+        n_buckets = max(2, pow2_at_least(-(-int(capacity) // SLOTS)))
         self._state = self._allocate(n_buckets)
         self._count = 0
         self._newest_stamp = -np.inf
@@ -160,11 +160,11 @@ class EmbeddingTable:
         self.growths = 0
         self.first_growth_load_factor: float | None = None
 
-    def _allocate(self, n_buckets: int) -> _Arrays:
+    def _allocate(self, n_buckets: int) -> TableArrays:
         """Empty storage for n_buckets buckets (not visible to readers yet)."""
-        return _Arrays.anonymous(n_buckets, self.dim, self.max_load_factor, self._stripes)
+        return TableArrays.anonymous(n_buckets, self.dim, self.max_load_factor, self._stripes)
 
-    def _release(self, arrays: _Arrays) -> None:
+    def _release(self, arrays: TableArrays) -> None:
         """Storage from _allocate that will never be published."""
 
     # ----------------------------------------------------------------- readers
@@ -447,7 +447,7 @@ class EmbeddingTable:
         self._state = self._rehashed(old, old.keys.shape[0] // SLOTS * 2)
         self.growths += 1
 
-    def _rehashed(self, old: _Arrays, n_buckets: int, dedupe: bool = False) -> _Arrays:
+    def _rehashed(self, old: TableArrays, n_buckets: int, dedupe: bool = False) -> TableArrays:
         """Writer lock held. A copy of ``old`` in new storage of at least
         n_buckets buckets (doubling until it fits); ``dedupe``: one entry per key
         even where ``old`` holds a key twice (see server.table.cuckoo)."""

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from server.table.cuckoo import EMPTY_KEY, SLOTS
-from server.table.local import EmbeddingTable, SnapshotError, _Arrays, _pow2_at_least, read_snapshot
+from server.table.local import EmbeddingTable, SnapshotError, TableArrays, pow2_at_least, read_snapshot
 
 __all__ = ["NotTheWriter", "SharedEmbeddingTable", "shm_directory"]
 
@@ -94,13 +94,17 @@ def _map(path: Path, nbytes: int, create: bool) -> mmap.mmap:
         os.close(fd)
 
 
-class _Flock:
+class FileLock:
+    """An flock(2) on ``path`` (created 0600 if missing). The lock belongs to the open file, so the
+    OS drops it when its holder dies: the lease a dead writer held is free again at once."""
+
     def __init__(self, path: Path):
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
-    def acquire(self, blocking: bool) -> bool:
+    def acquire(self, blocking: bool = True, mode: int = fcntl.LOCK_EX) -> bool:
+        """Takes the lock (``mode``: LOCK_EX or LOCK_SH); False when ``blocking`` is off and it is held."""
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(self._fd, mode | (0 if blocking else fcntl.LOCK_NB))
             return True
         except BlockingIOError:
             return False
@@ -109,7 +113,7 @@ class _Flock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        os.close(self._fd)
+        os.close(self._fd)  # drops the lock
 
 
 class _WriterSection:
@@ -149,9 +153,9 @@ class SharedEmbeddingTable(EmbeddingTable):
                         int(self._control[STRIPES]))
         self._thread_lock = self._write_lock
         self._write_lock = _WriterSection(self)
-        self._lease = _Flock(self.directory / "writer.lock")
+        self._lease = FileLock(self.directory / "writer.lock")
         self.is_writer = False
-        self._arrays: _Arrays | None = None
+        self._arrays: TableArrays | None = None
         self._maps: list[mmap.mmap] = []
 
     # ------------------------------------------------------------ construction
@@ -172,7 +176,7 @@ class SharedEmbeddingTable(EmbeddingTable):
         table = cls(directory, control, **sketch)
         if not table.acquire_writer():
             raise RuntimeError(f"cannot take the writer lease of the new table {directory}")
-        first = table._allocate(max(2, _pow2_at_least(-(-int(capacity) // SLOTS))))
+        first = table._allocate(max(2, pow2_at_least(-(-int(capacity) // SLOTS))))
         table._state = first
         return table
 
@@ -278,14 +282,14 @@ class SharedEmbeddingTable(EmbeddingTable):
         self._control_f[NEWEST] = value
 
     @property
-    def _state(self) -> _Arrays:
+    def _state(self) -> TableArrays:
         generation = int(self._control[GENERATION])
         if self._arrays is None or self._arrays.generation != generation:
             self._map_generation(generation)
         return self._arrays
 
     @_state.setter
-    def _state(self, new: _Arrays) -> None:
+    def _state(self, new: TableArrays) -> None:
         """Publishes a generation this writer filled; the previous one's files go."""
         previous = int(self._control[GENERATION])
         self._control[GENERATION] = new.generation
@@ -293,7 +297,7 @@ class SharedEmbeddingTable(EmbeddingTable):
         if previous != new.generation:
             self._unlink_generation(previous)
 
-    def _allocate(self, n_buckets: int) -> _Arrays:
+    def _allocate(self, n_buckets: int) -> TableArrays:
         generation = max(int(self._control[GENERATION]), self._arrays.generation if self._arrays else 0) + 1
         while (self.directory / f"gen-{generation}.keys").exists():
             generation += 1
@@ -301,7 +305,7 @@ class SharedEmbeddingTable(EmbeddingTable):
         arrays.keys.fill(EMPTY_KEY)
         return arrays
 
-    def _release(self, arrays: _Arrays) -> None:
+    def _release(self, arrays: TableArrays) -> None:
         self._unlink_generation(arrays.generation)
 
     def _on_stuck(self) -> None:
@@ -319,7 +323,7 @@ class SharedEmbeddingTable(EmbeddingTable):
                     raise
                 generation = newer
 
-    def _open_generation(self, generation: int, n_buckets: int, create: bool) -> _Arrays:
+    def _open_generation(self, generation: int, n_buckets: int, create: bool) -> TableArrays:
         capacity = n_buckets * SLOTS
         stripes = min(self._stripes, n_buckets)
         shapes = {"keys": ((capacity,), np.uint64), "rows": ((capacity, self.dim), np.float32),
@@ -334,7 +338,7 @@ class SharedEmbeddingTable(EmbeddingTable):
                 except OSError:
                     pass  # tmpfs without huge pages: plain pages still work
             arrays[part] = np.frombuffer(mapping, dtype=dtype).reshape(shape)
-        return _Arrays(arrays["keys"], arrays["rows"], arrays["stamps"], arrays["versions"], self.max_load_factor,
+        return TableArrays(arrays["keys"], arrays["rows"], arrays["stamps"], arrays["versions"], self.max_load_factor,
                        generation)
 
     def _unlink_generation(self, generation: int) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from loadtest.histogram import LatencyHistogram
-from loadtest.latency import _schedule
+from loadtest.latency import arrival_schedule
 from server.features import shipped_schema
 
 SCHEMA = shipped_schema()
@@ -25,10 +25,10 @@ def test_hdr_percentiles_match_a_known_distribution(rng):
 
 
 def test_open_loop_schedule_keeps_the_rate(rng):
-    constant = _schedule(100.0, 10.0, "constant", rng)
+    constant = arrival_schedule(100.0, 10.0, "constant", rng)
     np.testing.assert_allclose(np.diff(constant), 0.01)
     assert len(constant) == 1000
-    poisson = _schedule(200.0, 50.0, "poisson", rng)
+    poisson = arrival_schedule(200.0, 50.0, "poisson", rng)
     assert abs(len(poisson) - 10_000) < 5 * np.sqrt(10_000)
     gaps = np.diff(poisson)
     assert gaps.mean() == pytest.approx(1 / 200, rel=0.05)
