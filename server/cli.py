@@ -64,7 +64,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def _run_bench_table(args: argparse.Namespace) -> int:
-    from server.table.bench import bench_table, format_table_report
+    from server.table.table_bench import bench_table, format_table_report
 
     emit(bench_table(keys=args.keys, dim=args.dim, batch=args.batch, seed=args.seed), args.json,
          format_table_report)

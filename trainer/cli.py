@@ -217,7 +217,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
 
 def _run_bench_train(args: argparse.Namespace) -> int:
-    from trainer.bench import bench_train
+    from trainer.train_bench import bench_train
 
     emit(bench_train(schema(), args.batch, args.dataset), args.json, key_values)
     return 0

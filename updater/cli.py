@@ -116,7 +116,7 @@ def _run_rollback(args: argparse.Namespace) -> int:
 
 
 def _run_bench_apply(args: argparse.Namespace) -> int:
-    from updater.bench import bench_apply
+    from updater.apply_bench import bench_apply
 
     emit(bench_apply(schema(), args.rows, args.dim, args.rows_per_record, args.seed), args.json, key_values)
     return 0

@@ -18,14 +18,13 @@ work does (with every core busy, BLAS threads wait for one).
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 import time
 
 import numpy as np
 import threadpoolctl
 import torch
 
+from server.benchmarks import BusyCores
 from server.dense import build_dense
 from server.features import PAD_FID, FeatureSchema
 from server.runtime.scoring import DeepFMScorer
@@ -72,23 +71,6 @@ def _best_us(fn, calls: int) -> float:
     return best * 1e6
 
 
-class _BusyCores:
-    """``n`` processes spinning on the CPU while the block runs: the other work of a
-    serving host (Triton, the fronts, other instances) that a stub's threads wait behind."""
-
-    def __init__(self, n: int):
-        self._n, self._procs = n, []
-
-    def __enter__(self):
-        self._procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self._n)]
-        return self
-
-    def __exit__(self, *exc):
-        for proc in self._procs:
-            proc.kill()
-            proc.wait()
-
-
 def bench_scoring(schema: FeatureSchema, requests: int = 1, candidates: int = 100, calls: int = 200,
                   seed: int = 0, busy_cores: int = 0) -> dict:
     rng = np.random.default_rng(seed)
@@ -101,7 +83,7 @@ def bench_scoring(schema: FeatureSchema, requests: int = 1, candidates: int = 10
     user_rows = (rng.standard_normal((user.size, schema.dim)) * 0.1).astype(np.float32)
     item_rows = (rng.standard_normal((items.size, schema.dim)) * 0.1).astype(np.float32)
     scorer = DeepFMScorer(module, schema)
-    with _BusyCores(busy_cores), threadpoolctl.threadpool_limits(1, user_api="blas"):
+    with BusyCores(busy_cores), threadpoolctl.threadpool_limits(1, user_api="blas"):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

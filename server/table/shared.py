@@ -345,13 +345,6 @@ class SharedEmbeddingTable(EmbeddingTable):
         for part in ("keys", "rows", "stamps", "versions"):
             (self.directory / f"gen-{generation}.{part}").unlink(missing_ok=True)
 
-    # ----------------------------------------------------------------- memory
-
-    def private_bytes(self) -> int:
-        """Bytes of this table's mappings that this process holds privately
-        (Private_Clean + Private_Dirty of /proc/self/smaps): near 0 when shared."""
-        return mapping_bytes(os.getpid(), str(self.directory), ("Private_Clean", "Private_Dirty"))
-
     def close(self) -> None:
         self.release_writer()
         self._lease.close()

@@ -199,7 +199,7 @@ def test_a_refused_record_leaves_no_row_behind(runtime):
 
 
 def test_bench_apply_reports_both_sides():
-    from updater.bench import bench_apply
+    from updater.apply_bench import bench_apply
 
     result = bench_apply(SCHEMA, rows=20_000, dim=8, rows_per_record=5_000)
     assert result["records"] == 4 and 0 < result["table_rows"] <= 20_000

@@ -18,18 +18,18 @@ Figures (one thread):
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
+from server.benchmarks import progress
 from server.table import EmbeddingTable
 
 _DICT_MAX_LOOKUPS = 1_000_000
 
 
 def _progress(message: str) -> None:
-    print(f"[bench table] {message}", file=sys.stderr, flush=True)
+    progress("bench table", message)
 
 
 def _timed_batches(fn, n: int, batch: int) -> float:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from server.benchmarks import progress
 from server.features import FeatureSchema
 from server.runtime.ranker import RankerRuntime
 from updater.applier import DeltaApplier
@@ -34,7 +34,7 @@ from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 
 
 def _progress(message: str) -> None:
-    print(f"[bench apply] {message}", file=sys.stderr, flush=True)
+    progress("bench apply", message)
 
 
 def bench_apply(schema: FeatureSchema, rows: int, dim: int, rows_per_record: int = 10_000, seed: int = 0) -> dict:
