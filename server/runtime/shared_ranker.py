@@ -118,7 +118,8 @@ class SharedRankerRuntime(RankerRuntime):
         self._snapshot_seq = int(self._user[SNAPSHOT_SEQ])
         role = "created" if created else "attached to"
         self.startup_message = (f"{role} shared table {directory}: {len(table)} rows, delta_seq {self.delta_seq}, "
-                                f"writer: {'this instance' if table.is_writer else 'another instance'}")
+                                f"writer: {'this instance' if table.is_writer else 'another instance'}"
+                                + (f" ({self._created_from})" if created else ""))
 
     def _attach(self, directory: Path, owner: int) -> SharedEmbeddingTable | None:
         """The table of this server if there is a complete one; removes a leftover of another."""
@@ -152,9 +153,12 @@ class SharedRankerRuntime(RankerRuntime):
         user[SERVER_PID] = self._server_pid
         if snapshot is None:
             dense_state, seq = build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0
+            self._created_from = (f"no snapshot in {self.data_dir / 'snapshots'}: empty table, dense weights "
+                                  f"initialised from seed {schema.dense.get('seed', 0)}")
         else:
             _replace_rows(table, snapshot.table)
             dense_state, seq = snapshot.dense_state, snapshot.delta_seq
+            self._created_from = f"from snapshot {snapshot.path}"
         table.publish_blob(DENSE_BLOB, 1, encode_tensors(dense_state))
         user[DENSE_VERSION] = 1
         user[DELTA_SEQ] = user[SNAPSHOT_SEQ] = seq

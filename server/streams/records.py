@@ -1,4 +1,5 @@
-"""Payloads of the feature log and the feedback log (framed by server.segment_log).
+"""Payloads of the feature log and the feedback log (framed by server.streams.log's segments, or by
+server.streams.jetstream.logs on the bus).
 
 Feature record: one scored request, what the trainer's joiner needs. Version 2
 (written since issue 20) adds the impression id the ranker assigned::
