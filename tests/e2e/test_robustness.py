@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,8 +23,9 @@ from server.client import InferError, RankerClient, rank_tensors
 from server.features import fid, shipped_schema
 from server.procs import group_members
 from server.streams.records import FeatureRecord, FeedbackRecord
-from server.streams import FEATURES, FEEDBACK, SegmentLogReader, Streams
+from server.streams import FEATURES, FEEDBACK, Streams
 from server.host.supervisor import ServeProcess
+from tests.logs import logged
 
 SCHEMA = shipped_schema()
 USER, ITEMS = SCHEMA.encode_request({"user_id": 3}, [{"item_id": 1}, {"item_id": 2}])
@@ -326,16 +326,7 @@ def test_request_ids_are_data_never_paths(server, clients, rid):
     before = sorted(p.relative_to(server.data_dir) for p in server.data_dir.rglob("*"))
     clients["grpc"].rank(USER, ITEMS, request_id=rid)
     clients["http"].feedback(rid, ITEMS[:1, 0], [1.0])
-    deadline = time.monotonic() + 10  # the feature log is written off the request thread
-    while True:
-        found = []
-        for instance in (server.data_dir / "feature_log").iterdir():
-            with SegmentLogReader(instance) as reader:
-                found += [FeatureRecord.decode(p).request_id for _, p in reader.read()]
-        if rid in found or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert rid in found  # logged as bytes, verbatim
+    assert logged(server.data_dir / "feature_log", FeatureRecord.decode, rid)  # logged as bytes, verbatim
     after = sorted(p.relative_to(server.data_dir) for p in server.data_dir.rglob("*"))
     new_names = {str(p) for p in after} - {str(p) for p in before}
     assert all(name.endswith(".seg") for name in new_names), new_names

@@ -14,9 +14,9 @@ from server.features import fid, shipped_schema
 from server.host.launcher import TritonServer
 from server.runtime.ranker import RankerRuntime, RankRequest
 from server.streams.records import FeatureRecord, FeedbackRecord
-from server.streams import SegmentLogReader
 from server.streams.snapshots import write_snapshot
 from server.table import EmbeddingTable
+from tests.logs import logged
 
 SCHEMA = shipped_schema()
 PROTOCOLS = ["http", "grpc"]
@@ -42,18 +42,6 @@ def client(request, server):
         yield c
 
 
-def read_log(directory, decode, request_id, timeout_s=10.0):
-    """Records of request_id decoded from a log directory (all instances),
-    polling until at least one is there or timeout_s passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = []
-        for instance in sorted(p for p in directory.iterdir() if p.is_dir()) if directory.exists() else []:
-            with SegmentLogReader(instance) as reader:
-                records += [decode(payload) for _, payload in reader.read()]
-        mine = [r for r in records if r.request_id == request_id]
-        if mine or time.monotonic() > deadline:
-            return mine
         time.sleep(0.05)
 
 
@@ -129,7 +117,7 @@ def test_feature_log_records_scored_requests(server, client):
     rid = f"flog-{client.protocol}".encode()
     stamp = float(int(time.time()) - 3600) + 0.5  # a client's own time, within the window (server.clock)
     scores, seq = client.rank(user, items, request_id=rid, timestamp_s=stamp)
-    mine = read_log(server.data_dir / "feature_log", FeatureRecord.decode, rid)
+    mine = logged(server.data_dir / "feature_log", FeatureRecord.decode, rid)
     assert len(mine) == 1
     record = mine[0]
     assert record.request_time_s == stamp and record.delta_seq == seq
@@ -144,7 +132,7 @@ def test_feedback_is_durable_before_ack(server, client):
     event_time = float(int(time.time()) - 600)
     assert client.feedback(rid, item_fids, [1.0, 0.0], event_time_s=event_time) == 2
     # Acknowledged means appended and synced: the record is readable right now, no polling.
-    mine = read_log(server.data_dir / "feedback_log", FeedbackRecord.decode, rid, timeout_s=0)
+    mine = logged(server.data_dir / "feedback_log", FeedbackRecord.decode, rid, timeout_s=0)
     assert len(mine) == 1
     assert mine[0].item_fids.tolist() == item_fids.tolist()
     assert mine[0].labels.tolist() == [1.0, 0.0]
@@ -168,7 +156,7 @@ def test_concurrent_feedback_shares_fsyncs_and_is_durable_when_acked(server):
             for k in range(60):
                 rid = f"group-{c}-{k}".encode()
                 assert conn.feedback(rid, [fid(10, k + 1)], [1.0]) == 1
-                if k % 20 == 0 and not read_log(server.data_dir / "feedback_log", FeedbackRecord.decode, rid,
+                if k % 20 == 0 and not logged(server.data_dir / "feedback_log", FeedbackRecord.decode, rid,
                                                 timeout_s=0):
                     missing.append(rid)
 
