@@ -63,27 +63,28 @@ trainer's ``TrainerGuard.hold_expiry`` acts), the rows stay, and the
 operator's ``deltas resume`` releases the hold and lets that pass run.
 
 Last known good: after each good evaluation, the seq that served the oldest
-example of that window (every state since then was judged). The rollback
-itself is ``updater.rollback``: records restoring the state at that seq of
-every row and of the dense weights changed since (absolute values), plus
-the rows touched and not yet emitted, applied by servers like any delta and
-to the trainer's own table (embeddings restored, Adagrad accumulators kept)
-so it does not re-emit what was undone; the trainer then checkpoints at
-once, so a restart resumes from the rolled-back state.
+example of that window (every state since then was judged).
+
+A rollback decided here keeps the hold until its owner reports it applied
+(``rollback_applied``): a rollback that cannot be done (``rollback_failed``:
+the bus unreachable, the target no longer retained) leaves emission held,
+never released, until it succeeds or the operator resumes.
+
+This module decides and does no I/O: ``Guard`` is a state machine fed with
+served scores and the owner's reports, and ``to_state``/``from_state`` carry
+it across a restart. Its owner in the online trainer
+(trainer.guard_owner.TrainerGuard) polls the operator's control file,
+carries out rollbacks (updater.rollback) and writes state and metrics.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.features import FeatureSchema
-from trainer.model import TrainerModel
 from trainer.quality import QualityMonitor, WindowReport, log_losses, report
-from updater.rollback import RestorePlan, plan_rollback
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ class Guard:
         self._pending: Attribution | None = None
         self._pending_first_seq: int | None = None
         self._held_blocks = 0
+        self.rollback_to: int | None = None  # a rollback decided and not yet applied: the hold stays
+        self.rollback_error: str | None = None  # why the last try at it failed
 
     @property
     def emitting(self) -> bool:
@@ -182,7 +185,44 @@ class Guard:
     def state_name(self) -> str:
         if self.operator_hold:
             return "held (operator)"
-        return "held (expiry breaker)" if self.expiry_hold is not None else self.state
+        if self.expiry_hold is not None:
+            return "held (expiry breaker)"
+        return "held (rollback not done)" if self.rollback_to is not None else self.state
+
+    # ------------------------------------------------------------ the owner's reports and the operator
+
+    def rollback_applied(self, rows: int) -> None:
+        """The owner appended the rollback (``rows`` restored or deleted): a rollback hold is released."""
+        self.rows_rolled_back += rows
+        if self.rollback_to is not None:
+            self.rollback_to, self.state = None, OPEN
+        self.rollback_error = None
+
+    def rollback_failed(self, reason: str) -> None:
+        """The owner could not carry out ``rollback_to``: emission stays held (it retries)."""
+        self.rollback_error = reason
+
+    def hold_expiry(self, reason: str) -> None:
+        """The expiry breaker tripped: emission holds until the operator resumes."""
+        self.expiry_hold = reason
+        self.expiry_holds += 1
+
+    def operator_command(self, hold: bool) -> list[str]:
+        """The operator's hold or resume; returns what changed. A resume also approves a held expiry pass
+        (``expiry_approved``) and releases a hold whose rollback could not be done (the operator's call)."""
+        changed = []
+        if hold != self.operator_hold:
+            self.operator_hold = hold
+            changed.append("operator hold: sparse and dense emission stopped" if hold else
+                           "operator resume: emission goes on with the next sync")
+        if not hold and self.expiry_hold is not None:
+            self.expiry_hold = None
+            changed.append("operator resume: the held expiry pass runs now, then emission goes on")
+        if not hold and self.rollback_to is not None:
+            changed.append(f"operator resume: the rollback to seq {self.rollback_to} that could not be done "
+                           f"({self.rollback_error}) is dropped and the guard's hold released")
+            self.rollback_to, self.rollback_error, self.state = None, None, OPEN
+        return changed
 
     def keep(self, sources: np.ndarray) -> np.ndarray:
         """Mask of the examples whose source is not quarantined (the rest are not trained on)."""
@@ -251,6 +291,8 @@ class Guard:
         found = self._attribute(window, ref)
         if self.examples < self._incident_until:
             self._quarantine(found.sources, self._incident_until)
+        if self.rollback_to is not None:  # held until the rollback is applied: nothing to judge yet
+            return None
         if self.state == HELD:
             return self._confirm(r, ref, window)
         degraded = self._degraded(r, ref)
@@ -306,7 +348,6 @@ class Guard:
             self._pending_first_seq = first if self._pending_first_seq is None else min(first, self._pending_first_seq)
             return None
         self._pending, self._held_blocks = None, 0
-        self.state = OPEN
         with_them = self._auc_with(pending.sources)
         improved = r.auc - with_them >= c.auc_margin
         if len(pending.sources) and improved and pending.source_share >= max(pending.item_share, c.min_excess_share):
@@ -314,11 +355,13 @@ class Guard:
             self._incident_until = self.examples + c.quarantine_examples
             self.monitor.clear()
             to_seq = self.good_seq if self._pending_first_seq is None else min(self.good_seq, self._pending_first_seq)
+            self.rollback_to = to_seq  # the hold stays until the owner reports the rollback applied
             return Decision("rollback", f"confirmed: without {len(pending.sources)} quarantined sources the window AUC "
                             f"is {r.auc:.4f} ({with_them:.4f} with them, reference {ref[0]:.4f}); the damage "
                             f"follows sources (share "
                             f"{pending.source_share:.2f} vs items {pending.item_share:.2f}): rolling back to seq "
                             f"{to_seq}", to_seq=to_seq, report=r.as_dict())
+        self.state = OPEN
         for source in pending.sources.tolist():
             self.quarantine.pop(source, None)
         if still:
@@ -342,8 +385,45 @@ class Guard:
                 "rows_rolled_back": self.rows_rolled_back, "drifts": self.drifts, "false_alarms": self.false_alarms,
                 "evaluations": self.evaluations, "quarantined_sources": len(self.quarantine),
                 "expiry_holds": self.expiry_holds, "expiry_hold": self.expiry_hold,
+                "rollback_to": self.rollback_to, "rollback_error": self.rollback_error,
                 "window": r.as_dict() if r else None,
                 "by_seq_range": [b.as_dict() for b in list(self.monitor.blocks)[-4:]]}
+
+    # ------------------------------------------------------------ across a restart
+
+    _SCALARS = ("state", "expiry_hold", "expiry_holds", "good_seq", "holds", "rollbacks", "rows_rolled_back",
+                "drifts", "false_alarms", "evaluations", "examples", "rollback_to", "rollback_error")
+
+    def to_state(self) -> dict:
+        """What a restarted guard needs (JSON-able): state, counters, reference, quarantine, the pending
+        verdict and rollback. The window itself is not kept: it fills again from new examples."""
+        p = self._pending
+        return {**{k: getattr(self, k) for k in self._SCALARS},
+                "reference": self._reference, "quarantine": [[int(k), int(v)] for k, v in self.quarantine.items()],
+                "cooldown_until": self._cooldown_until, "incident_until": self._incident_until,
+                "held_blocks": self._held_blocks, "pending_first_seq": self._pending_first_seq,
+                "pending": None if p is None else {"sources": p.sources.tolist(), "items": p.items.tolist(),
+                                                   "source_share": p.source_share, "item_share": p.item_share}}
+
+    @classmethod
+    def from_state(cls, config: GuardConfig | None, state: dict) -> "Guard":
+        guard = cls(config)
+        for key in cls._SCALARS:
+            if key in state:
+                setattr(guard, key, state[key])
+        guard._reference = [tuple(r) for r in state.get("reference", [])]
+        guard.quarantine = {int(k): int(v) for k, v in state.get("quarantine", [])}
+        guard._cooldown_until = state.get("cooldown_until", 0)
+        guard._incident_until = state.get("incident_until", 0)
+        guard._held_blocks = state.get("held_blocks", 0)
+        guard._pending_first_seq = state.get("pending_first_seq")
+        p = state.get("pending")
+        if p is not None:
+            guard._pending = Attribution(np.asarray(p["sources"], np.uint64), np.asarray(p["items"], np.uint64),
+                                         p["source_share"], p["item_share"])
+        elif guard.state == HELD and guard.rollback_to is None:  # held with no verdict to wait for: judge afresh
+            guard.state = OPEN
+        return guard
 
 
 def expiry_breaker(would_evict: int, rows: int, max_share: float) -> str | None:
@@ -355,189 +435,3 @@ def expiry_breaker(would_evict: int, rows: int, max_share: float) -> str | None:
             f"--max-expiry-share {max_share:g}: not carried out, emission held; check the clocks (the newest "
             f"update time against the trainer's), then `monolith-rt deltas resume` runs it")
 
-
-def roll_back(model: TrainerModel, writer, data_dir, schema: FeatureSchema, to_seq: int, now: float) -> RestorePlan:
-    """Appends records restoring the state at ``to_seq`` (rows touched since the last emission included,
-    so nothing held goes out afterwards) and puts the trainer's own rows and dense weights back to it.
-    Raises updater.rollback.RollbackRangeError when to_seq is no longer retained, or when the delta
-    stream is not the local one (the state at to_seq is rebuilt from local snapshots and segments)."""
-    from updater.rollback import RollbackRangeError
-    from server.streams.delta_log import FileDeltaWriter
-
-    if not isinstance(writer, FileDeltaWriter):
-        raise RollbackRangeError(f"rollbacks rebuild the state at a seq from the local delta stream and snapshots; "
-                                 f"this trainer writes {type(writer).__name__} (the JetStream bus), where they "
-                                 f"are not supported yet: hold emission and restart serving from a snapshot")
-    pending = model.take_delta(writer.next_seq)  # held or not yet synced: restored, never emitted as they are
-    extra = () if pending is None else np.concatenate([pending.fids, pending.evicted])
-    plan = plan_rollback(data_dir, to_seq, schema, extra)
-    for record in plan.records(writer.next_seq):
-        writer.append(record)
-    restore_model(model, plan, now)
-    return plan
-
-
-def restore_model(model: TrainerModel, plan: RestorePlan, now: float) -> None:
-    """The plan's rows into the trainer's table: embeddings as at plan.to_seq, the Adagrad accumulators
-    kept (the initial one for rows that come back); rows absent then are deleted; dense weights restored
-    (Adam's moments kept)."""
-    stored, found = model.table.lookup_found(plan.fids)
-    rows = stored.copy()
-    rows[~found, model.dim:] = model.adagrad_init
-    rows[:, : model.dim] = plan.rows
-    if plan.found.any():
-        model.table.upsert(plan.fids[plan.found], rows[plan.found], now=now)
-    if (~plan.found).any():
-        model.table.delete(plan.fids[~plan.found])
-    if plan.dense_state is not None:
-        model.dense.load_state_dict(plan.dense_state)
-
-
-class TrainerGuard:
-    """The guard inside the online trainer: acts on its decisions and on the operator's control file
-    (updater.rollback), and reports its state in ``<data_dir>/guard/state.json`` and as Prometheus
-    metrics in ``<data_dir>/guard/metrics.prom`` (text format, for a node-exporter textfile collector),
-    both written atomically."""
-
-    CONTROL_POLL_S = 0.5
-
-    def __init__(self, data_dir, schema: FeatureSchema, config: GuardConfig | None = None):
-        from prometheus_client import CollectorRegistry, Gauge
-
-        from updater.rollback import read_control, read_state
-
-        self.data_dir = Path(data_dir)
-        self.schema = schema
-        self.guard = Guard(config)
-        self.request = 0
-        self.needs_checkpoint = False  # set by a rollback: the trainer checkpoints at once
-        self.expiry_approved = False  # set by a resume of an expiry hold: the held pass runs, once
-        self.last_action = "started"
-        self._next_poll = 0.0
-        self._control_mtime = None
-        self.registry = CollectorRegistry()
-        self._gauges = {name: Gauge(f"monolith_guard_{name}", text, registry=self.registry) for name, text in (
-            ("holds_total", "quality holds of sparse emission"), ("rollbacks_total", "rollbacks emitted"),
-            ("rows_rolled_back_total", "rows restored or deleted by rollbacks"),
-            ("state", "0 open, 1 held by the guard, 2 held by the operator, 3 held by the expiry breaker"),
-            ("expiry_holds_total", "expiry passes held by the breaker (more than --max-expiry-share of the table)"),
-            ("quarantined_sources", "sources whose feedback is not trained on"),
-            ("window_auc", "AUC of served scores over the window"),
-            ("window_log_loss", "mean log loss of served scores over the window"),
-            ("window_calibration", "mean served score / observed rate over the window"),
-            ("good_seq", "last known-good delta seq"))}
-        done = read_state(self.data_dir) or {}
-        self.request, self.rollback_request = int(done.get("request", 0)), int(done.get("rollback_request", 0))
-        self.guard.operator_hold = bool(read_control(self.data_dir)["hold"])
-
-    @property
-    def emitting(self) -> bool:
-        return self.guard.emitting
-
-    @property
-    def expiry_held(self) -> bool:
-        return self.guard.expiry_hold is not None
-
-    def hold_expiry(self, reason: str) -> None:
-        """The expiry breaker tripped: emission holds until the operator resumes."""
-        self.guard.expiry_hold = reason
-        self.guard.expiry_holds += 1
-        self.last_action = f"expiry breaker: {reason}"
-        log.error("guard: %s", self.last_action)
-        self.write_state()
-
-    def take_expiry_approval(self) -> bool:
-        """True once after the operator resumed an expiry hold: the next pass runs whatever it removes."""
-        approved, self.expiry_approved = self.expiry_approved, False
-        return approved
-
-    def observe(self, model: TrainerModel, writer, scores, seqs, labels, sources, items, now: float,
-                weights=None) -> np.ndarray:
-        """Served scores of a micro-batch before training; acts on decisions; returns the mask to train on."""
-        for decision in self.guard.observe(scores, labels, seqs, sources, items, weights):
-            self.last_action = f"{decision.action}: {decision.reason}"
-            if decision.action == "rollback":
-                self._roll_back(model, writer, decision.to_seq, now)
-            self.write_state()
-        return self.guard.keep(sources)
-
-    def poll_control(self, model: TrainerModel, writer, now: float, monotonic_s: float) -> None:
-        """Acts on a changed control file (checked every CONTROL_POLL_S)."""
-        from updater.rollback import CONTROL, GUARD_DIR, read_control
-
-        if monotonic_s < self._next_poll:
-            return
-        self._next_poll = monotonic_s + self.CONTROL_POLL_S
-        path = self.data_dir / GUARD_DIR / CONTROL
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return
-        if mtime == self._control_mtime:
-            return
-        self._control_mtime = mtime
-        try:
-            control = read_control(self.data_dir)
-        except ValueError as exc:
-            log.error("guard control: %s", exc)
-            return
-        if control["request"] <= self.request:
-            return
-        self.request = control["request"]
-        if control["hold"] != self.guard.operator_hold:
-            self.guard.operator_hold = bool(control["hold"])
-            self.last_action = ("operator hold: sparse and dense emission stopped" if control["hold"] else
-                                "operator resume: emission goes on with the next sync")
-            log.warning("guard: %s", self.last_action)
-        if not control["hold"] and self.guard.expiry_hold is not None:
-            self.guard.expiry_hold, self.expiry_approved = None, True
-            self.last_action = "operator resume: the held expiry pass runs now, then emission goes on"
-            log.warning("guard: %s", self.last_action)
-        if control["rollback_request"] > self.rollback_request:
-            self.rollback_request = control["rollback_request"]
-            self._roll_back(model, writer, int(control["rollback_to_seq"]), now)
-        self.write_state()
-
-    def _roll_back(self, model: TrainerModel, writer, to_seq: int, now: float) -> None:
-        from updater.rollback import RollbackRangeError
-
-        try:
-            plan = roll_back(model, writer, self.data_dir, self.schema, to_seq, now)
-        except RollbackRangeError as exc:
-            self.last_action = f"rollback to seq {to_seq} refused: {exc}"
-            log.error("guard: %s", self.last_action)
-            return
-        self.guard.rows_rolled_back += plan.fids.shape[0]
-        self.needs_checkpoint = True
-        self.last_action = f"{plan.summary()}; appended up to seq {writer.next_seq - 1}"
-        log.warning("guard: %s", self.last_action)
-
-    def describe(self) -> str:
-        s = self.guard.status()
-        w = s["window"] or {}
-        return (f"guard {s['state']}: window AUC {w.get('auc', float('nan'))}, log loss "
-                f"{w.get('log_loss', float('nan'))}, calibration {w.get('calibration', float('nan'))} over "
-                f"{w.get('examples', 0)} examples served at seq {w.get('seq_lo', 0)}..{w.get('seq_hi', 0)}; "
-                f"good seq {s['good_seq']}, holds {s['holds']}, rollbacks {s['rollbacks']} "
-                f"({s['rows_rolled_back']} rows), quarantined sources {s['quarantined_sources']}")
-
-    def write_state(self) -> None:
-        from prometheus_client import write_to_textfile
-
-        from updater.rollback import GUARD_DIR, write_state
-
-        status = self.guard.status()
-        write_state(self.data_dir, {**status, "request": self.request, "rollback_request": self.rollback_request,
-                                    "last_action": self.last_action})
-        g = self._gauges
-        g["holds_total"].set(status["holds"])
-        g["rollbacks_total"].set(status["rollbacks"])
-        g["rows_rolled_back_total"].set(status["rows_rolled_back"])
-        g["state"].set(2 if self.guard.operator_hold else 3 if self.guard.expiry_hold is not None
-                       else 1 if self.guard.state == HELD else 0)
-        g["expiry_holds_total"].set(status["expiry_holds"])
-        g["quarantined_sources"].set(status["quarantined_sources"])
-        g["good_seq"].set(status["good_seq"])
-        for key in ("auc", "log_loss", "calibration"):
-            g[f"window_{key}"].set((status["window"] or {}).get(key, float("nan")))
-        write_to_textfile(str(self.data_dir / GUARD_DIR / "metrics.prom"), self.registry)

@@ -54,7 +54,8 @@ from server.features import FeatureSchema
 from server.streams import DELTAS, Streams
 from trainer.data import Examples, load_movielens
 from trainer.experiments import apply_delta
-from trainer.guard import Guard, GuardConfig, roll_back
+from trainer.guard import Guard, GuardConfig
+from trainer.guard_owner import roll_back
 from trainer.model import TrainerModel, auc
 from server.streams.deltas import DeltaRecord
 from server.streams.delta_log import FileDeltaWriter
@@ -179,6 +180,7 @@ def replay(schema: FeatureSchema, base: TrainerModel, scenario: Scenario, varian
                     if decision.action == "rollback":
                         plan = roll_back(trainer, writer, data_dir, schema, decision.to_seq, float(b))
                         rows_rolled_back += plan.fids.shape[0]
+                        guard.rollback_applied(plan.fids.shape[0])
                         seq = _apply_new(serving, data_dir, seq)
                 keep &= guard.keep(sources)
             if keep.any():

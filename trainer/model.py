@@ -175,6 +175,11 @@ class TrainerModel:
     def pending_rows(self) -> int:
         return sum(t.shape[0] for t in self._touched)
 
+    def pending_fids(self) -> np.ndarray:
+        """The FIDs the next ``take_delta`` would carry (touched or evicted since the last one), left pending."""
+        parts = self._touched + self._evicted
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+
     def take_delta(self, seq: int, created_s: float | None = None) -> DeltaRecord | None:
         """The rows touched (and FIDs evicted) since the last call as one sparse
         record with absolute serving values, or None if nothing changed."""

@@ -66,7 +66,8 @@ from server.streams import Streams, open_streams, segment_bytes_from_env
 from server.streams.bus import FencedError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
-from trainer.guard import GuardConfig, TrainerGuard, expiry_breaker
+from trainer.guard import GuardConfig, expiry_breaker
+from trainer.guard_owner import TrainerGuard
 from trainer.joiner import COUNTERS, MAX_BUFFER_BYTES, Joiner
 from trainer.joiner_metrics import write_joiner_metrics
 from trainer.model import TrainerModel, auc
@@ -265,7 +266,10 @@ class OnlineTrainer:
         self._labels: deque[np.ndarray] = deque(maxlen=PREQUENTIAL_BATCHES)
         self._losses: deque[float] = deque(maxlen=100)
         self._last_stats = (self.examples, self.emitted_rows)
-        self.guard = TrainerGuard(self.data_dir, schema, GuardConfig(enabled=self.config.guard))
+        self.guard = TrainerGuard(self.data_dir, schema, GuardConfig(enabled=self.config.guard), streams=self.streams)
+        recovered = self.guard.recover(self.model, self.writer, meta["delta_seq"] if meta else 0, time.time())
+        if recovered:
+            self.start_message += f"; {recovered}"
         if self.guard.guard.operator_hold:
             self.start_message += "; held by the operator (monolith-rt deltas resume to emit)"
 
@@ -337,8 +341,10 @@ class OnlineTrainer:
             log.warning("emission held: no snapshot or checkpoint now (%s)", self.guard.describe())
             return self.writer.next_seq - 1
         self.guard.needs_checkpoint = False
-        return publish(self.data_dir, self.model, self.writer, self.joiner, self.counters(),
-                       log_retention_s=self.config.log_retention_s, streams=self.streams)
+        seq = publish(self.data_dir, self.model, self.writer, self.joiner, self.counters(),
+                      log_retention_s=self.config.log_retention_s, streams=self.streams)
+        self.guard.checkpointed(seq)  # an appended rollback is done for good once a checkpoint covers it
+        return seq
 
     def _train(self, waiting: list) -> None:
         user, items, labels, times, rates, served, seqs = (np.concatenate(parts) for parts in zip(*waiting))

@@ -12,7 +12,14 @@ cost is the records read, not the table size::
     affected = fids written or evicted by records S+1..last  (+ extra_fids)
     value_S(f) = base(f), then for seq in P+1..S: written -> row, evicted -> absent
     rollback = sparse(rows of affected present at S, deletes for the rest)
-               + dense(dense at S)  if any record after S was dense
+               + dense(dense at S)    always: the trainer's dense weights may have
+                                      moved since S without being emitted yet
+
+Where the past is read (``history_of``): on the local bus the segment files
+and snapshots of the data directory (LocalHistory); on JetStream the bus
+itself (BusHistory): the snapshot at or before S from the object store, the
+records since from the DELTAS stream. Either way the rollback goes out as
+ordinary delta records through the bus's writer (fenced on JetStream).
 
 The rollback records are ordinary delta records (absolute values), appended
 at the head of the stream: servers apply them like any delta, a server that
@@ -20,8 +27,10 @@ replays the stream from any snapshot ends in the same state, and a rollback
 cut short by a crash is repaired by running it again (every value in it is
 absolute, and the records it left are themselves "after S").
 
-Retained range: [lowest base seq, last seq]; a target outside it is refused
-with the range in the message.
+Retained range: [lowest base seq, last seq] (a base: seq 0 while the stream
+still starts at seq 1, or a snapshot whose later records are all retained),
+the same range in the refusal's message, in `retained_range` and in the
+README; a target outside it is refused.
 
 Control file ``<data_dir>/guard/control.json`` (written to a temp file,
 fsynced, renamed): ``{"hold": bool, "request": int, "rollback_to_seq": int
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +63,8 @@ import torch
 from server.durable import fsync_path
 from server.features import FeatureSchema
 from server.streams.snapshots import list_snapshots, load_snapshot
-from server.streams import DELTAS, SNAPSHOTS, Streams
+from server.streams import DELTAS, SNAPSHOTS, Streams, open_streams
+from server.streams.bus import BusError, FencedError
 from server.streams.segments import list_segments
 from server.streams.deltas import DENSE, DeltaRecord
 from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
@@ -73,7 +84,7 @@ class RestorePlan:
     """The state at ``to_seq`` of the rows that changed after it.
 
     fids uint64[n], found bool[n], rows float32[n, K] (zeros where not found);
-    dense_state: the dense weights at to_seq when a dense record followed it, else None."""
+    dense_state: the dense weights at to_seq (None only in plans built by hand)."""
 
     to_seq: int
     last_seq: int
@@ -106,58 +117,132 @@ def _deltas(data_dir) -> Path:
     return Streams(data_dir).path(DELTAS)
 
 
-def _read_all(directory: Path, after_seq: int, until_seq: int | None = None):
-    reader = FileDeltaReader(directory, after_seq=after_seq)
-    try:
-        while records := reader.read(max_records=256):
-            for record in records:
-                if until_seq is not None and record.seq > until_seq:
-                    return
-                yield record
-    finally:
-        reader.close()
+class LocalHistory:
+    """The delta history of ``data_dir``'s local segment files and snapshots."""
+
+    def __init__(self, data_dir):
+        self.data_dir = Path(data_dir)
+        self.where = str(_deltas(data_dir))
+
+    def span(self) -> tuple[list[int], int]:
+        """(seqs a state can be rebuilt from: 0 for an unpruned stream, and snapshots with every later
+        record retained; the last seq)."""
+        directory = _deltas(self.data_dir)
+        firsts = list_segments(directory) if directory.is_dir() else []
+        first_seq = firsts[0] + 1 if firsts else 1
+        last = 0
+        for record in self.records(max(0, (firsts[-1] if firsts else 0))):
+            last = record.seq
+        last = max(last, first_seq - 1)
+        bases = [0] if first_seq <= 1 else []
+        bases += [int(p.name) for p in list_snapshots(self.data_dir) if first_seq - 1 <= int(p.name) <= last]
+        return bases, last
+
+    def load_base(self, seq: int):
+        return load_snapshot(Streams(self.data_dir).path(SNAPSHOTS) / f"{seq:020d}")
+
+    def records(self, after_seq: int, until_seq: int | None = None):
+        reader = FileDeltaReader(_deltas(self.data_dir), after_seq=after_seq)
+        try:
+            while records := reader.read(max_records=256):
+                for record in records:
+                    if until_seq is not None and record.seq > until_seq:
+                        return
+                    yield record
+        finally:
+            reader.close()
 
 
-def retained_range(data_dir) -> tuple[int, int]:
-    """(lowest seq whose state can be rebuilt, last seq in the stream)."""
-    bases, last = _bases(data_dir)
+class BusHistory:
+    """The delta history on a JetStream bus: snapshots from its object store, records from its DELTAS
+    stream (``last_seq``: the writer's last seq when the caller holds the writer, else the stream head)."""
+
+    READ_TIMEOUT_S = 60.0
+
+    def __init__(self, streams, last_seq: int | None = None):
+        self.streams = streams
+        self.where = "the JetStream delta stream MONOLITH_DELTAS and snapshot store"
+        self._last = last_seq
+
+    def span(self) -> tuple[list[int], int]:
+        last = self.streams.delta_head()[0] if self._last is None else self._last
+        first = self.streams.delta_first()
+        pointer = self.streams.snapshot_pointer()
+        first_seq = first if first is not None else (pointer["seq"] + 1 if pointer else 1)
+        last = max(last, first_seq - 1)
+        bases = [0] if first_seq <= 1 else []
+        bases += [seq for seq in self.streams.snapshots.seqs() if first_seq - 1 <= seq <= last]
+        return sorted(set(bases)), last
+
+    def load_base(self, seq: int):
+        with tempfile.TemporaryDirectory(prefix="rollback-") as tmp:
+            return load_snapshot(self.streams.snapshots.download(seq, Path(tmp) / f"{seq:020d}"))
+
+    def records(self, after_seq: int, until_seq: int | None = None):
+        until = self.span()[1] if until_seq is None else until_seq
+        reader = self.streams.open_delta_reader(after_seq)
+        try:
+            deadline, seq = time.monotonic() + self.READ_TIMEOUT_S, after_seq
+            while seq < until:
+                records = reader.read(max_records=256)
+                if not records:
+                    if time.monotonic() > deadline:
+                        raise BusError(f"rollback: {self.where} gave records up to seq {seq} within "
+                                       f"{self.READ_TIMEOUT_S:.0f} s, requires up to {until}")
+                    time.sleep(0.01)
+                    continue
+                for record in records:
+                    if record.seq > until:
+                        return
+                    seq = record.seq
+                    yield record
+        finally:
+            reader.close()
+
+
+def history_of(data_dir, streams=None, last_seq: int | None = None):
+    """Where a rollback reads the past: the bus's own history on JetStream, else the local files."""
+    if streams is None or type(streams) is Streams:
+        return LocalHistory(data_dir)
+    return BusHistory(streams, last_seq)
+
+
+def retained_range(history) -> tuple[int, int]:
+    """(lowest seq whose state can be rebuilt, last seq in the stream): the only targets a rollback
+    accepts. ``history``: a LocalHistory/BusHistory or a data directory (local)."""
+    bases, last = _history(history).span()
     return (min(bases) if bases else last + 1), last
 
 
-def _bases(data_dir) -> tuple[list[int], int]:
-    """(seqs a state can be rebuilt from: 0 for an unpruned stream, and snapshots with every later
-    record retained; the last seq)."""
-    directory = _deltas(data_dir)
-    firsts = list_segments(directory) if directory.is_dir() else []
-    first_seq = firsts[0] + 1 if firsts else 1
-    last = 0
-    for record in _read_all(directory, max(0, (firsts[-1] if firsts else 0))):
-        last = record.seq
-    last = max(last, first_seq - 1)
-    bases = [0] if first_seq <= 1 else []
-    bases += [int(p.name) for p in list_snapshots(data_dir) if first_seq - 1 <= int(p.name) <= last]
-    return bases, last
+def _history(history):
+    return history if isinstance(history, (LocalHistory, BusHistory)) else LocalHistory(history)
 
 
-def plan_rollback(data_dir, to_seq: int, schema: FeatureSchema, extra_fids=()) -> RestorePlan:
-    """The state at ``to_seq`` of every row changed after it (and of ``extra_fids``).
+def range_error(history, low: int, last: int, to_seq: int) -> RollbackRangeError:
+    return RollbackRangeError(f"rollback target requires a seq in the retained range {low}..{last} of "
+                              f"{history.where}, got {to_seq}" + (" (the stream is empty)" if last == 0 else "")
+                              + f"; the range runs from the oldest base (seq 0 while the stream starts at seq 1, "
+                              f"or a snapshot whose later records are all retained) to the last seq")
+
+
+def plan_rollback(history, to_seq: int, schema: FeatureSchema, extra_fids=()) -> RestorePlan:
+    """The state at ``to_seq`` of every row changed after it (and of ``extra_fids``), and the dense
+    weights at ``to_seq`` (always: the trainer's may have moved since without being emitted).
+    ``history``: a LocalHistory/BusHistory or a data directory (local).
     Raises RollbackRangeError when to_seq is outside the retained range."""
-    bases, last = _bases(data_dir)
+    history = _history(history)
+    bases, last = history.span()
     low = min(bases) if bases else last + 1
     if not low <= to_seq <= last:
-        raise RollbackRangeError(f"rollback target requires a seq in the retained range {low}..{last} of "
-                                 f"{_deltas(data_dir)}, got {to_seq}" + (" (the stream is empty)" if last == 0 else ""))
-    directory = _deltas(data_dir)
-    touched, dense_after = [np.asarray(extra_fids, dtype=np.uint64)], False
-    for record in _read_all(directory, to_seq):
-        if record.kind == DENSE:
-            dense_after = True
-        else:
+        raise range_error(history, low, last, to_seq)
+    touched = [np.asarray(extra_fids, dtype=np.uint64)]
+    for record in history.records(to_seq, until_seq=last):
+        if record.kind != DENSE:
             touched += [record.fids, record.evicted]
     fids = np.unique(np.concatenate(touched))
     base = max(b for b in bases if b <= to_seq)
     if base > 0:
-        snapshot = load_snapshot(Streams(data_dir).path(SNAPSHOTS) / f"{base:020d}")
+        snapshot = history.load_base(base)
         rows, found = snapshot.table.lookup_found(fids)
         rows = rows.copy()
         dense = snapshot.dense_state
@@ -166,7 +251,7 @@ def plan_rollback(data_dir, to_seq: int, schema: FeatureSchema, extra_fids=()) -
 
         rows, found = np.zeros((fids.shape[0], schema.dim), np.float32), np.zeros(fids.shape[0], np.bool_)
         dense = build_dense(schema.num_fields, schema.dim, schema.dense).state_dict()
-    for record in _read_all(directory, base, until_seq=to_seq):
+    for record in history.records(base, until_seq=to_seq):
         if record.kind == DENSE:
             dense = record.dense_state
             continue
@@ -178,11 +263,10 @@ def plan_rollback(data_dir, to_seq: int, schema: FeatureSchema, extra_fids=()) -
         found[at[hit]] = True
         found[np.isin(fids, record.evicted)] = False
     rows[~found] = 0.0
-    return RestorePlan(to_seq, last, fids, found, rows, {k: v.clone() for k, v in dense.items()}
-                       if dense_after else None)
+    return RestorePlan(to_seq, last, fids, found, rows, {k: v.clone() for k, v in dense.items()})
 
 
-def append_rollback(writer: FileDeltaWriter, plan: RestorePlan) -> list[int]:
+def append_rollback(writer, plan: RestorePlan) -> list[int]:
     """Appends the plan's records; returns their seqs."""
     return [writer.append(record) for record in plan.records(writer.next_seq)]
 
@@ -237,29 +321,37 @@ def write_state(data_dir, state: dict) -> None:
 
 # ------------------------------------------------------------------ operator commands
 
-def rollback_now(data_dir, to_seq: int, schema: FeatureSchema, wait_s: float = 30.0) -> str:
-    """``deltas rollback --to-seq S``. With no trainer holding the stream, the
-    rollback records are appended here; with one, the request goes through the
-    control file and this waits (up to ``wait_s``) for the trainer to carry it
-    out (it also restores its own rows, so it does not re-emit what was undone).
-    Returns what was done; raises RollbackRangeError or TimeoutError."""
+def rollback_now(data_dir, to_seq: int, schema: FeatureSchema, wait_s: float = 30.0, streams=None) -> str:
+    """``deltas rollback --to-seq S``, on the configured bus (``streams``: default ``open_streams``).
+    With no trainer holding the delta stream (its file lock, or on JetStream its lease), the
+    rollback records are appended here; with one, the request goes through the control file and
+    this waits (up to ``wait_s``) for the trainer to carry it out (it also restores its own rows,
+    so it does not re-emit what was undone). Returns what was done; raises RollbackRangeError,
+    TimeoutError or BusError."""
+    owned = streams is None
+    streams = open_streams(data_dir) if owned else streams
     try:
-        writer = FileDeltaWriter(_deltas(data_dir))
-    except BlockingIOError:
-        writer = None
-    if writer is not None:
+        local = type(streams) is Streams
         try:
-            plan = plan_rollback(data_dir, to_seq, schema)
-            seqs = append_rollback(writer, plan)
-            write_control(data_dir, rollback_to_seq=to_seq)  # for the next trainer to adopt
-        finally:
-            writer.close()
-        return (f"{plan.summary()}; appended as seq {seqs[0]}..{seqs[-1]}; no trainer running: the next one to "
-                f"start adopts the state at seq {to_seq}")
-    low, last = retained_range(data_dir)
-    if not low <= to_seq <= last:  # refuse before asking the trainer
-        raise RollbackRangeError(f"rollback target requires a seq in the retained range {low}..{last} of "
-                                 f"{_deltas(data_dir)}, got {to_seq}")
+            writer = streams.open_delta_writer(**({} if local else {"lease_wait_s": 0.0}))
+        except (BlockingIOError, FencedError):
+            writer = None
+        if writer is not None:
+            try:
+                plan = plan_rollback(history_of(data_dir, streams, writer.next_seq - 1), to_seq, schema)
+                seqs = append_rollback(writer, plan)
+                write_control(data_dir, rollback_to_seq=to_seq)  # for the next trainer to adopt
+            finally:
+                writer.close()
+            return (f"{plan.summary()}; appended as seq {seqs[0]}..{seqs[-1]}; no trainer running: the next one "
+                    f"to start adopts the state at seq {to_seq}")
+        history = history_of(data_dir, streams)
+        low, last = retained_range(history)
+        if not low <= to_seq <= last:  # refuse before asking the trainer
+            raise range_error(history, low, last, to_seq)
+    finally:
+        if owned:
+            streams.close()
     request = write_control(data_dir, rollback_to_seq=to_seq)["request"]
     return f"trainer running: {wait_for_trainer(data_dir, request, wait_s)}"
 

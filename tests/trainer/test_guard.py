@@ -10,7 +10,8 @@ import torch
 
 from server.features import shipped_schema
 from server.streams import DELTAS, Streams
-from trainer.guard import Guard, GuardConfig, TrainerGuard, roll_back
+from trainer.guard import Guard, GuardConfig
+from trainer.guard_owner import TrainerGuard, roll_back
 from tests.stream_state import stream_state
 from trainer.model import TrainerModel
 from trainer.online import OnlineTrainer
@@ -84,7 +85,11 @@ def test_an_inverting_client_is_held_rolled_back_and_quarantined():
     served, labels, seqs, sources, items = stream.batch(bad_sources=5, bad_share=0.3)
     assert not guard.keep(sources)[sources >= 1_000_000].any()  # their feedback is not trained on
     assert guard.keep(sources)[sources < 1_000_000].all()
-    assert guard.emitting
+    assert not guard.emitting and guard.rollback_to == rollback.to_seq  # held until the rollback is applied
+    guard.rollback_failed("the bus is down")
+    assert not guard.emitting and guard.observe(*stream.batch()) == []  # still held, nothing judged meanwhile
+    guard.rollback_applied(10)
+    assert guard.emitting and guard.rows_rolled_back == 10
 
 
 def test_a_change_in_taste_the_model_learns_is_let_through():

@@ -105,17 +105,48 @@ class SnapshotStore:
             raise BusError(f"snapshot {pointer['object']}: SHA-256 {digest}, the pointer requires "
                            f"{pointer['sha256']}: not loaded")
         final = snapshot_root(self._streams.data_dir) / f"{int(pointer['seq']):020d}"
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            members = tar.getmembers()
-            bad = [m.name for m in members if not m.isfile() or "/" in m.name or m.name.startswith(".")]
-            if bad:
-                raise BusError(f"snapshot {pointer['object']} holds entries that are not plain files: {bad}")
-            try:
-                with atomic_directory(final) as tmp:
-                    for member in members:
-                        (tmp / member.name).write_bytes(tar.extractfile(member).read())
-            except OSError:
-                if not final.is_dir():  # else another instance of this server fetched it meanwhile
-                    raise
+        try:
+            unpack(pointer["object"], data, final)
+        except OSError:
+            if not final.is_dir():  # else another instance of this server fetched it meanwhile
+                raise
         log.info("fetched snapshot %s (seq %d, %d bytes) from the bus", pointer["object"], pointer["seq"], len(data))
         return final
+
+    def seqs(self) -> list[int]:
+        """The seqs of the snapshots the object store holds, oldest first (a rollback's bases)."""
+        async def names():
+            store = await self._streams.js.object_store(SNAPSHOT_BUCKET)
+            try:
+                return [info.name for info in await store.list(ignore_deletes=True) if not info.deleted]
+            except nats.js.errors.NotFoundError:  # no object yet
+                return []
+        return sorted(int(n[len("snapshot-"):]) for n in self._streams.run(names(), 20.0)
+                      if n.startswith("snapshot-") and n[len("snapshot-"):].isdigit())
+
+    def download(self, seq: int, final: Path) -> Path:
+        """The snapshot at ``seq`` from the object store into the directory ``final`` (written whole or not
+        at all); raises BusError when the store does not hold it (deleted meanwhile) or it is not plain files."""
+        name = f"snapshot-{int(seq):020d}"
+
+        async def get():
+            store = await self._streams.js.object_store(SNAPSHOT_BUCKET)
+            return (await store.get(name)).data
+        try:
+            data = self._streams.run(get(), 120.0)
+        except nats.js.errors.NotFoundError as exc:
+            raise BusError(f"snapshot {name} is no longer in the object store {SNAPSHOT_BUCKET}") from exc
+        unpack(name, data, Path(final))
+        return Path(final)
+
+
+def unpack(name: str, data: bytes, final: Path) -> None:
+    """A snapshot tar into ``final`` (atomically); raises BusError when it holds anything but plain files."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+        bad = [m.name for m in members if not m.isfile() or "/" in m.name or m.name.startswith(".")]
+        if bad:
+            raise BusError(f"snapshot {name} holds entries that are not plain files: {bad}")
+        with atomic_directory(final) as tmp:
+            for member in members:
+                (tmp / member.name).write_bytes(tar.extractfile(member).read())

@@ -21,7 +21,8 @@ from server.streams.bus import NAME as REPLICA_NAME, BusConfig, BusError
 from server.streams.jetstream.client import (DELTA_SUBJECT, LEASE_BUCKET, LEASE_TTL_S, PING_INTERVAL_S,
                                              POINTER_BUCKET, PUBLISH_TIMEOUT_S, SNAPSHOT_BUCKET, STREAM_NAMES,
                                              SUBJECT_PREFIX, Loop, retrying, wait_leader)
-from server.streams.jetstream.deltas import JetStreamDeltaReader, JetStreamDeltaWriter, delta_head, delta_lag
+from server.streams.jetstream.deltas import (JetStreamDeltaReader, JetStreamDeltaWriter, delta_head, delta_lag,
+                                             position_of)
 from server.streams.jetstream.logs import JetStreamLogReader, JetStreamLogWriter
 from server.streams.jetstream.snapshots import SnapshotStore
 
@@ -156,6 +157,10 @@ class JetStreamStreams(Streams):
     def delta_head(self) -> tuple[int, float]:
         """(seq of the newest record in the delta stream, its publish time as Unix seconds); (0, 0) if empty."""
         return delta_head(self)
+
+    def delta_first(self) -> int | None:
+        """The delta seq of the oldest record the stream retains (None: it holds none)."""
+        return self.run(position_of(self, 1), 20.0)[1]
 
     def delta_lag(self, applied_seq: int) -> tuple[int, float]:
         """(records behind the stream head, seconds since the oldest unapplied record was published)."""

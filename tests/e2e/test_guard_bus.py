@@ -1,0 +1,150 @@
+"""The quality guard's rollback on the JetStream bus, against a real 3-node nats-server cluster: planned
+from the bus itself (the snapshot at or before S from the object store, the records since from the
+DELTAS stream), emitted as fenced delta records; a replica that joins from the bus ends at the state at
+S, rows and dense weights byte for byte; a rollback that cannot be done keeps the hold.
+(The JetStream backend alone: test_jetstream_bus.py.)"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from server.features import shipped_schema
+from server.streams.deltas import DENSE, DeltaRecord
+from server.streams.jetstream import BusConfig, JetStreamStreams
+from server.streams.nats_cluster import NatsCluster
+from server.streams.snapshots import load_latest_snapshot, write_snapshot
+from tests.waiting import wait_until
+from trainer.guard import HELD
+from trainer.guard_owner import TrainerGuard
+from trainer.model import TrainerModel
+from updater.rollback import RollbackRangeError, read_state, rollback_now
+
+SCHEMA = shipped_schema()
+USERS = np.stack([SCHEMA.encode({"user_id": u, "hour": u % 24}, SCHEMA.user_slots) for u in range(300)])
+ITEMS = np.stack([SCHEMA.encode({"item_id": i, "genre": i % 7}, SCHEMA.item_slots) for i in range(6000)])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with NatsCluster(tmp_path_factory.mktemp("nats")) as c:
+        yield c
+
+
+def bus(cluster: NatsCluster, user: str, replica: str = "r0") -> BusConfig:
+    return BusConfig(url=cluster.url, credentials=str(cluster.credentials(user)), replica=replica)
+
+
+def train_and_emit(model, writer, rng, steps, items=3000):
+    for _ in range(steps):
+        u, i = rng.integers(0, len(USERS), 64), rng.integers(0, items, 64)
+        model.train_step(USERS[u], ITEMS[i], rng.integers(0, 2, 64).astype(np.float32), now=time.time())
+        writer.append(model.take_delta(writer.next_seq))
+
+
+def replica_state(streams: JetStreamStreams) -> tuple[dict[int, bytes], dict, int]:
+    """What a replica joining now holds: the bus's newest snapshot, then every record after it."""
+    streams.fetch_snapshot()
+    snapshot = load_latest_snapshot(streams.data_dir)
+    seq = int(streams.snapshot_pointer()["seq"])
+    state = dict(zip(*_items(snapshot.table)))
+    dense = snapshot.dense_state
+    head = streams.delta_head()[0]
+    reader = streams.open_delta_reader(seq)
+    try:
+        got = []
+        wait_until(lambda: got.extend(reader.read()) or (got and got[-1].seq >= head), timeout_s=30,
+                   what=f"the replica's reader up to seq {head}")
+    finally:
+        reader.close()
+    for record in got:
+        if record.kind == DENSE:
+            dense = record.dense_state
+            continue
+        state.update((f, r.tobytes()) for f, r in zip(record.fids.tolist(), record.values))
+        for f in record.evicted.tolist():
+            state.pop(f, None)
+    return state, dense, head
+
+
+def _items(table):
+    fids, rows = [], []
+    for f, r, _ in table.items():
+        fids += f.tolist()
+        rows += [x.tobytes() for x in r]
+    return fids, rows
+
+
+def model_state(model: TrainerModel) -> dict[int, bytes]:
+    out = {}
+    for f, r, _ in model.table.items():
+        out.update((k, v[: model.dim].tobytes()) for k, v in zip(f.tolist(), r))
+    return out
+
+
+def dense_bytes(state: dict) -> dict:
+    return {k: v.contiguous().numpy().tobytes() for k, v in state.items()}
+
+
+def test_the_guard_rolls_back_on_the_bus_from_the_object_store_and_the_stream(cluster, tmp_path):
+    rng = np.random.default_rng(5)
+    trainer = JetStreamStreams(tmp_path / "trainer", bus(cluster, "trainer"))
+    replica = JetStreamStreams(tmp_path / "replica", bus(cluster, "replica", "r1"))
+    try:
+        trainer.ensure_streams()
+        trainer.run(trainer.js.purge_stream("MONOLITH_DELTAS"))
+        model, writer = TrainerModel(SCHEMA), trainer.open_delta_writer()
+        train_and_emit(model, writer, rng, 4)
+        writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))
+        p = writer.next_seq - 1
+        # The snapshot lives in the object store only (not in the trainer's data directory), and
+        # retention dropped the records before it: the state at S must come from the bus.
+        trainer.publish_snapshot(write_snapshot(tmp_path / "elsewhere", model.serving_table(),
+                                                model.dense_state(), p), p)
+        writer.delete_before(p + 1)
+        train_and_emit(model, writer, rng, 3)
+        s = writer.next_seq - 1
+        guard = TrainerGuard(tmp_path / "trainer", SCHEMA, streams=trainer)
+        assert guard.streams is trainer
+        at_s = replica_state(replica)
+        assert at_s[2] == s
+        train_and_emit(model, writer, rng, 4, items=6000)  # the poison: new rows too
+        writer.append(DeltaRecord.dense(writer.next_seq, time.time(), model.dense_state()))  # a poisoned dense record
+        model.train_step(USERS[:8], ITEMS[5990:5998], np.ones(8, np.float32), now=time.time())  # held, never emitted
+        assert dense_bytes(model.dense_state()) != dense_bytes(at_s[1])
+
+        # The guard decided a rollback to a seq the bus no longer retains: refused, the hold stays.
+        guard.guard.state, guard.guard.rollback_to = HELD, p - 1
+        guard.poll_control(model, writer, time.time(), monotonic_s=1.0)
+        state = read_state(tmp_path / "trainer")
+        assert not guard.emitting and state["rollback_to"] == p - 1 and state["rollback_failures"] == 1
+        assert f"retained range {p}..{writer.next_seq - 1}" in state["last_action"]
+        assert "emission stays held" in state["last_action"]
+        metrics = (tmp_path / "trainer" / "guard" / "metrics.prom").read_text()
+        assert "monolith_guard_rollback_pending 1.0" in metrics and "monolith_guard_state 1.0" in metrics
+
+        # To S: planned from the object store's snapshot at P and the stream's records P+1.., appended fenced.
+        guard.guard.rollback_to = s
+        guard.poll_control(model, writer, time.time(), monotonic_s=10.0)
+        state = read_state(tmp_path / "trainer")
+        assert guard.emitting, state["last_action"]
+        assert state["last_action"].startswith(f"rollback to seq {s}") and "dense weights restored" in state["last_action"]
+        assert guard.unconfirmed == {"to_seq": s, "end_seq": writer.next_seq - 1}
+        rows, dense, _ = replica_state(replica)
+        assert rows == at_s[0]  # byte for byte; rows created after S deleted
+        assert dense_bytes(dense) == dense_bytes(at_s[1])
+        assert model_state(model) == at_s[0]
+        assert dense_bytes(model.dense_state()) == dense_bytes(at_s[1])
+        assert model.take_delta(writer.next_seq) is None  # nothing held goes out afterwards
+
+        # The operator's command on the bus, with the trainer holding the lease: refused with the same range.
+        with pytest.raises(RollbackRangeError, match=rf"retained range {p}\.\.{writer.next_seq - 1} of the "
+                                                     rf"JetStream delta stream"):
+            rollback_now(tmp_path / "trainer", 999, SCHEMA, streams=trainer)
+        writer.close()
+    finally:
+        replica.close()
+        trainer.close()
