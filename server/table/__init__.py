@@ -10,7 +10,7 @@
 
 from server.table.cuckoo import EMPTY_KEY
 from server.table.local import EmbeddingTable, SnapshotError, read_snapshot
-from server.table.shared import NotTheWriter, SharedEmbeddingTable, shm_directory
+from server.table.shared import NotTheWriter, SharedEmbeddingTable, SharedMemoryFull, shm_directory
 
-__all__ = ["EMPTY_KEY", "EmbeddingTable", "NotTheWriter", "SharedEmbeddingTable", "SnapshotError", "read_snapshot",
-           "shm_directory"]
+__all__ = ["EMPTY_KEY", "EmbeddingTable", "NotTheWriter", "SharedEmbeddingTable", "SharedMemoryFull", "SnapshotError",
+           "read_snapshot", "shm_directory"]

@@ -49,6 +49,7 @@ generation):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -62,7 +63,7 @@ import numpy as np
 from server.table.cuckoo import EMPTY_KEY, SLOTS
 from server.table.local import EmbeddingTable, SnapshotError, TableArrays, pow2_at_least, read_snapshot
 
-__all__ = ["NotTheWriter", "SharedEmbeddingTable", "shm_directory"]
+__all__ = ["FileLock", "NotTheWriter", "SharedEmbeddingTable", "SharedMemoryFull", "shm_directory"]
 
 SHM_ROOT = Path("/dev/shm")
 _MAGIC = int.from_bytes(b"MRTSHM01", "little")
@@ -83,15 +84,37 @@ def shm_directory(data_dir: str | os.PathLike, root: Path = SHM_ROOT) -> Path:
     return root / f"monolith-{digest}"
 
 
+class SharedMemoryFull(OSError):
+    """The filesystem of the shared table (tmpfs, /dev/shm) has no room for it: refused with what to do,
+    where a sparse file would have been mapped and a first touch past the room killed the process (SIGBUS)."""
+
+
 def _map(path: Path, nbytes: int, create: bool) -> mmap.mmap:
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     fd = os.open(path, flags, 0o600)
     try:
         if create:
-            os.ftruncate(fd, nbytes)
+            _reserve(fd, path, nbytes)
         return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+
+
+def _reserve(fd: int, path: Path, nbytes: int) -> None:
+    """Allocates the file's pages now (posix_fallocate), so a full tmpfs says so here, as an error."""
+    try:
+        os.posix_fallocate(fd, 0, max(nbytes, 1))
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        stat = os.statvfs(path.parent)
+        free, size = stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+        raise SharedMemoryFull(
+            exc.errno, f"the shared embedding table needs {nbytes:,} more bytes in {path.parent.parent} "
+            f"({free:,} of {size:,} bytes free) for {path.name}: give it more room (docker run --shm-size=4g, or "
+            "in Kubernetes a memory-backed emptyDir mounted at /dev/shm), or set the ranker's model parameter "
+            "shared_table to \"false\" (a private table per instance)") from None
 
 
 class FileLock:
@@ -176,7 +199,12 @@ class SharedEmbeddingTable(EmbeddingTable):
         table = cls(directory, control, **sketch)
         if not table.acquire_writer():
             raise RuntimeError(f"cannot take the writer lease of the new table {directory}")
-        first = table._allocate(max(2, pow2_at_least(-(-int(capacity) // SLOTS))))
+        try:
+            first = table._allocate(max(2, pow2_at_least(-(-int(capacity) // SLOTS))))
+        except SharedMemoryFull:
+            table.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         table._state = first
         return table
 
@@ -331,7 +359,11 @@ class SharedEmbeddingTable(EmbeddingTable):
         arrays = {}
         for part, (shape, dtype) in shapes.items():
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            mapping = _map(self.directory / f"gen-{generation}.{part}", nbytes, create)
+            try:
+                mapping = _map(self.directory / f"gen-{generation}.{part}", nbytes, create)
+            except SharedMemoryFull:
+                self._unlink_generation(generation)  # the parts made so far: no half generation stays
+                raise
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 try:
                     mapping.madvise(mmap.MADV_HUGEPAGE)
