@@ -207,3 +207,66 @@ def test_a_rollback_made_while_no_trainer_runs_is_adopted_by_the_next_one(tmp_pa
         restarted.close()
     again = TrainerGuard(tmp_path, SCHEMA)  # the rollback is not carried out a second time
     assert again.rollback_request == read_state(tmp_path)["rollback_request"] == 1
+
+
+def dense_bytes(state: dict) -> dict:
+    return {k: v.contiguous().numpy().tobytes() for k, v in state.items()}
+
+
+def test_a_rollback_restores_the_dense_weights_at_s_when_no_dense_record_followed(tmp_path):
+    """The dense interval is long: the trainer's dense weights moved on the poison without being emitted.
+    After the rollback and the checkpoint that follows it, servers hold the dense weights at S byte for byte."""
+    trainer, rng = OnlineTrainer(SCHEMA, tmp_path), np.random.default_rng(3)
+    try:
+        train_and_emit(trainer.model, trainer.writer, rng, 3)
+        trainer.publish()  # sparse + dense + snapshot at S
+        s = trainer.writer.next_seq - 1
+        at_s = stream_state(Streams(tmp_path).path(DELTAS), until_seq=s)
+        train_and_emit(trainer.model, trainer.writer, rng, 6, items=6000)  # sparse only: no dense record after S
+        assert dense_bytes(trainer.model.dense_state()) != dense_bytes(at_s[1])
+        plan = roll_back(trainer.model, trainer.writer, tmp_path, SCHEMA, s, now=time.time())
+        assert plan.dense_state is not None
+        assert dense_bytes(trainer.model.dense_state()) == dense_bytes(at_s[1])
+        trainer.publish()  # the checkpoint right after a rollback publishes the dense weights again
+        rows, dense = stream_state(Streams(tmp_path).path(DELTAS))
+        assert rows == at_s[0] and dense_bytes(dense) == dense_bytes(at_s[1])
+    finally:
+        trainer.close()
+
+
+def test_a_rollback_killed_before_its_checkpoint_is_carried_out_again_exactly_once(tmp_path):
+    """kill -9 after the rollback was appended, before the checkpoint that makes it durable: the restarted
+    trainer reconciles the stream to its older (poisoned) checkpoint, then finishes the rollback; a second
+    restart, past a checkpoint, recognises it done. The guard's own state comes back too."""
+    rng = np.random.default_rng(4)
+    trainer = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        train_and_emit(trainer.model, trainer.writer, rng, 3)
+        s = trainer.writer.next_seq - 1
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)  # the poison, emitted ...
+        trainer.publish()  # ... and in the checkpoint
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)
+        trainer.guard.guard.quarantine[777] = 10**9  # guard state that must survive the restart
+        trainer.guard.guard.holds = 3
+        write_control(tmp_path, rollback_to_seq=s)
+        trainer.guard.poll_control(trainer.model, trainer.writer, time.time(), monotonic_s=1.0)
+        assert trainer.guard.needs_checkpoint and read_state(tmp_path)["rollback_request"] == 1
+    finally:
+        trainer.close()  # killed: no publish, no checkpoint after the rollback
+    at_s = stream_state(Streams(tmp_path).path(DELTAS), until_seq=s)
+    restarted = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        assert "reconciled" in restarted.start_message and "carried out again" in restarted.start_message
+        assert stream_state(Streams(tmp_path).path(DELTAS))[0] == at_s[0]
+        assert restarted.guard.guard.quarantine.get(777) == 10**9 and restarted.guard.guard.holds == 3
+        rolled = read_state(tmp_path)["rows_rolled_back"]
+        restarted.publish()  # now durable
+    finally:
+        restarted.close()
+    again = OnlineTrainer(SCHEMA, tmp_path)
+    try:
+        assert "carried out again" not in again.start_message and "reconciled" not in again.start_message
+        assert again.guard.unconfirmed is None and again.guard.guard.rows_rolled_back == rolled
+        assert stream_state(Streams(tmp_path).path(DELTAS))[0] == at_s[0]
+    finally:
+        again.close()
