@@ -175,7 +175,9 @@ def add_commands(commands, bench) -> None:
         "feedback", help="durable feedback acknowledgements/s with many clients vs one",
         description="Closed-loop gRPC clients send feedback (one click each); an acknowledgement means the action "
         "is fsynced. Measures --clients clients against one client on the same server, in alternating windows "
-        "of the same run: acks/s, p50 and p99 latency. Spawns a server unless --url is given.")
+        "of the same run: acks/s, p50 and p99 latency; and the floor, the same clients sending the smallest "
+        "ranking request to the trivial baseline model (baseline_rps, acks_vs_baseline). Spawns a server unless "
+        "--url is given.")
     feedback.add_argument("--url", default=None, help="host:port (gRPC) of a running server (default: spawn one)")
     feedback.add_argument("--clients", type=positive_int, default=8, help="concurrent clients (default 8)")
     feedback.add_argument("--window-s", type=float, default=5.0, help="seconds per window (default 5)")
