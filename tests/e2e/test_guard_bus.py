@@ -7,6 +7,7 @@ S, rows and dense weights byte for byte; a rollback that cannot be done keeps th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from server.streams.deltas import DENSE, DeltaRecord
 from server.streams.jetstream import BusConfig, JetStreamStreams
 from server.streams.nats_cluster import NatsCluster
 from server.streams.snapshots import load_latest_snapshot, write_snapshot
+from server.table import EmbeddingTable
 from tests.waiting import wait_until
 from trainer.guard import HELD
 from trainer.guard_owner import TrainerGuard
@@ -148,3 +150,74 @@ def test_the_guard_rolls_back_on_the_bus_from_the_object_store_and_the_stream(cl
     finally:
         replica.close()
         trainer.close()
+
+
+ZOMBIE = r"""
+import json, sys, time
+import torch
+from server.streams.jetstream import BusConfig, JetStreamStreams
+from server.streams.snapshots import write_snapshot
+from server.streams.deltas import DeltaRecord
+from server.table import EmbeddingTable
+
+url, creds, data_dir = sys.argv[1:4]
+streams = JetStreamStreams(data_dir, BusConfig(url=url, credentials=creds, replica="z"))
+writer = streams.open_delta_writer()
+for _ in range(2):
+    writer.append(DeltaRecord.dense(writer.next_seq, time.time(), {"w": torch.ones(3)}))
+seq = writer.next_seq - 1
+path = write_snapshot(data_dir, EmbeddingTable(8), {"w": torch.ones(3)}, seq)
+print(json.dumps({"ready": seq}), flush=True)
+sys.stdin.readline()  # paused here (SIGSTOP) past the lease; another trainer takes over
+out = {}
+for name, act in (("pointer", lambda: streams.publish_snapshot(path, seq)),
+                  ("purge", lambda: writer.delete_before(seq + 1))):
+    try:
+        act()
+        out[name] = "done"
+    except Exception as exc:
+        out[name] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_trainer_paused_past_its_lease_moves_no_pointer_and_purges_nothing(cluster, tmp_path):
+    """SIGSTOP after its appends, another trainer takes over and publishes a newer snapshot, SIGCONT:
+    the paused trainer's snapshot pointer write and purge are refused (lease confirmed on the bus, the
+    pointer's compare-and-set moves only forward)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    admin = JetStreamStreams(tmp_path / "admin", bus(cluster, "trainer"))
+    admin.ensure_streams()
+    admin.run(admin.js.purge_stream("MONOLITH_DELTAS"))
+    zombie = subprocess.Popen([sys.executable, "-c", ZOMBIE, cluster.url, str(cluster.credentials("trainer")),
+                               str(tmp_path / "zombie")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        z = json.loads(zombie.stdout.readline())["ready"]
+        os.kill(zombie.pid, signal.SIGSTOP)
+        writer = admin.open_delta_writer()  # waits for the paused holder's lease to expire
+        for _ in range(3):
+            writer.append(DeltaRecord.dense(writer.next_seq, time.time(), {"w": torch.zeros(3)}))
+        n = writer.next_seq - 1
+        admin.publish_snapshot(write_snapshot(tmp_path / "new", EmbeddingTable(8), {"w": torch.zeros(3)}, n), n)
+        first = admin.run(admin.js.stream_info("MONOLITH_DELTAS")).state.first_seq
+        os.kill(zombie.pid, signal.SIGCONT)
+        zombie.stdin.write("go\n")
+        zombie.stdin.flush()
+        out = json.loads(zombie.stdout.readline())
+        assert zombie.wait(60) == 0
+    finally:
+        if zombie.poll() is None:
+            os.kill(zombie.pid, signal.SIGCONT)
+            zombie.kill()
+    assert z < n
+    assert out["pointer"].startswith("FencedError") and out["purge"].startswith("FencedError"), out
+    assert admin.snapshot_pointer()["seq"] == n  # never moved backwards
+    assert admin.run(admin.js.stream_info("MONOLITH_DELTAS")).state.first_seq == first  # nothing purged
+    writer.close()
+    admin.close()

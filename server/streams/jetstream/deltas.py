@@ -23,6 +23,7 @@ until a snapshot past it is loaded. ``position_of`` maps a delta seq to a stream
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -35,8 +36,8 @@ from server.streams.names import DELTAS
 from server.streams.bus import BusError, FencedError
 from server.streams.deltas import DeltaError, DeltaRecord
 from server.streams.jetstream.client import (DELTA_PUBLISH_BUDGET_S, DELTA_SUBJECT, HEADER_SLACK, LEASE_TTL_S,
-                                             PUBLISH_TIMEOUT_S, RETRY_PAUSE_S, STALL_S, STREAM_NAMES,
-                                             WRONG_LAST_SEQUENCE, crc, retrying)
+                                             POINTER_BUCKET, POINTER_KEY, PUBLISH_TIMEOUT_S, RETRY_PAUSE_S, STALL_S,
+                                             STREAM_NAMES, WRONG_LAST_SEQUENCE, crc, retrying)
 from server.streams.jetstream.lease import TrainerLease
 from server.streams.jetstream.logs import Follower
 
@@ -177,9 +178,18 @@ class JetStreamDeltaWriter:
         raise BusError(f"delta seq {seq}: not acknowledged within {DELTA_PUBLISH_BUDGET_S:.0f} s: {error!r}")
 
     def delete_before(self, seq: int) -> list:
-        """Retention: purges the messages of records with delta seq < ``seq``; returns [purged count]."""
+        """Retention: purges the messages of records with delta seq < ``seq``, never past the snapshot
+        pointer (records after it stay) and only while this writer holds the lease (TrainerLease.confirm:
+        a writer paused past it purges nothing); returns [purged count]."""
         async def purge():
-            position, _ = await position_of(self._streams, seq)
+            await self.lease.confirm()
+            until = seq
+            try:
+                entry = await (await self._streams.js.key_value(POINTER_BUCKET)).get(POINTER_KEY)
+                until = min(seq, json.loads(entry.value)["seq"] + 1) if entry.value else until
+            except nats.js.errors.KeyNotFoundError:
+                until = 1  # no snapshot on the bus: every record is needed
+            position, _ = await position_of(self._streams, until)
             info = await self._streams.js.stream_info(STREAM_NAMES[DELTAS])
             if position <= info.state.first_seq:
                 return 0

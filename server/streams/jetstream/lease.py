@@ -84,6 +84,23 @@ class TrainerLease:
             except Exception as exc:
                 log.warning("trainer lease: taking it again failed: %r", exc)
 
+    async def confirm(self) -> None:
+        """Raises FencedError unless the bus says this holder holds the lease now (read, not remembered):
+        a holder paused past the TTL (GC, SIGSTOP, a slow disk) learns it lost the lease before it moves
+        the snapshot pointer or purges."""
+        if self.fenced:
+            raise FencedError(self.fenced)
+        kv = await self._streams.js.key_value(LEASE_BUCKET)
+        try:
+            holder = (await kv.get(LEASE_KEY)).value
+        except nats.js.errors.KeyNotFoundError:
+            holder = None
+        if holder != self.holder.encode():
+            self.fenced = (f"the trainer lease on the delta stream {STREAM_NAMES[DELTAS]} is held by "
+                           f"{holder.decode() if holder else 'nobody'}, not this trainer ({self.holder}; paused or "
+                           f"cut off past {LEASE_TTL_S:.0f} s): it moves no snapshot pointer and purges nothing")
+            raise FencedError(self.fenced)
+
     def release(self) -> None:
         """Gives the lease up (a successor need not wait for it to expire)."""
         if self._heartbeat is None:

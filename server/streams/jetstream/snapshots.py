@@ -5,7 +5,11 @@
                                     "position"}   (position: the stream sequence of the first DELTAS
                                     message after the snapshot)
 
-The trainer publishes (upload, then move the pointer, then delete objects beyond ``keep``); a
+The trainer publishes (upload, then move the pointer, then delete objects beyond ``keep``); the
+pointer moves only forward and only for the lease holder: the holder is read from the lease entry
+before the upload and before the pointer write, and the write is a compare-and-set on the entry's
+revision that refuses a seq at or below the pointer's (FencedError), so a trainer paused past its
+lease (a zombie) can never point new replicas at an older snapshot than the stream retains; a
 replica fetches the newest into its data directory before it loads (checked against the
 pointer's SHA-256, and the tar must hold plain files only), so a late or lagging replica joins
 from the snapshot plus the retained deltas.
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import nats.js.errors
 
-from server.streams.bus import BusError
+from server.streams.bus import BusError, FencedError
 from server.streams.jetstream.client import POINTER_BUCKET, POINTER_KEY, SNAPSHOT_BUCKET
 from server.streams.jetstream.deltas import position_of
 from server.streams.snapshots import atomic_directory, list_snapshots, snapshot_root
@@ -41,9 +45,11 @@ class SnapshotStore:
         self._streams = streams
         self._uploaded: list[str] = []  # snapshot objects this process wrote (and older ones it found), oldest first
 
-    def publish(self, directory: Path, seq: int, keep: int = 2) -> dict:
+    def publish(self, directory: Path, seq: int, keep: int = 2, lease=None) -> dict:
         """Uploads a snapshot directory to the object store, then points the key-value entry at it;
-        older objects beyond ``keep`` are deleted. Returns the pointer."""
+        older objects beyond ``keep`` are deleted. Returns the pointer. With ``lease`` (the delta
+        writer's TrainerLease), only while it is held; the pointer only ever moves forward (module
+        docstring). Raises FencedError when either fence refuses."""
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for child in sorted(Path(directory).iterdir()):
@@ -52,16 +58,26 @@ class SnapshotStore:
         name = f"snapshot-{int(seq):020d}"
 
         async def upload():
+            kv = await self._streams.js.key_value(POINTER_BUCKET)
+            await self._forward(kv, seq, lease)
             store = await self._streams.js.object_store(SNAPSHOT_BUCKET)
             await store.put(name, data)
             position, _ = await position_of(self._streams, seq + 1)
             pointer = {"seq": int(seq), "object": name, "sha256": hashlib.sha256(data).hexdigest(),
                        "bytes": len(data), "position": position}
-            kv = await self._streams.js.key_value(POINTER_BUCKET)
             if not self._uploaded:  # the newest before this process's first upload
                 previous = await self._read_pointer(kv)
                 self._uploaded += [previous["object"]] if previous else []
-            await kv.put(POINTER_KEY, json.dumps(pointer).encode())
+            while True:  # compare-and-set on the entry's revision: forward only, holder only
+                revision = await self._forward(kv, seq, lease)
+                try:
+                    if revision is None:
+                        await kv.create(POINTER_KEY, json.dumps(pointer).encode())
+                    else:
+                        await kv.update(POINTER_KEY, json.dumps(pointer).encode(), last=revision)
+                    break
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # moved meanwhile: judge the new value
             self._uploaded.append(name)
             while len(self._uploaded) > max(keep, 1):
                 try:
@@ -71,6 +87,24 @@ class SnapshotStore:
                 del self._uploaded[0]
             return pointer
         return self._streams.run(upload(), 120.0)
+
+    @staticmethod
+    async def _forward(kv, seq: int, lease) -> int | None:
+        """The pointer entry's revision (None: no entry), once the lease (if any) is confirmed held and the
+        pointer is behind ``seq``; raises FencedError otherwise."""
+        if lease is not None:
+            await lease.confirm()
+        try:
+            entry = await kv.get(POINTER_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:  # deleted or purged
+            return entry.revision
+        current = json.loads(entry.value)["seq"]
+        if current >= seq:
+            raise FencedError(f"snapshot pointer: the bus points at seq {current}, this trainer's snapshot is at seq "
+                              f"{seq}: the pointer only moves forward (a trainer paused past its lease?); not moved")
+        return entry.revision
 
     @staticmethod
     async def _read_pointer(kv) -> dict | None:

@@ -170,7 +170,8 @@ class JetStreamStreams(Streams):
 
     def publish_snapshot(self, directory: Path, seq: int, keep: int = 2) -> dict:
         """Uploads a snapshot directory and points the newest-snapshot entry at it (SnapshotStore.publish)."""
-        return self.snapshots.publish(directory, seq, keep)
+        lease = self._writers[-1].lease if self._writers else None  # the holder's fence (SnapshotStore.publish)
+        return self.snapshots.publish(directory, seq, keep, lease)
 
     def snapshot_pointer(self) -> dict | None:
         return self.snapshots.pointer()
