@@ -146,7 +146,12 @@ def test_the_guard_rolls_back_on_the_bus_from_the_object_store_and_the_stream(cl
         with pytest.raises(RollbackRangeError, match=rf"retained range {p}\.\.{writer.next_seq - 1} of the "
                                                      rf"JetStream delta stream"):
             rollback_now(tmp_path / "trainer", 999, SCHEMA, streams=trainer)
+        train_and_emit(model, writer, rng, 2, items=6000)
         writer.close()
+        # ... and with no trainer: the command takes the lease and appends the rollback itself.
+        assert "no trainer running" in rollback_now(tmp_path / "trainer", s, SCHEMA, streams=trainer)
+        rows, dense, _ = replica_state(replica)
+        assert rows == at_s[0] and dense_bytes(dense) == dense_bytes(at_s[1])
     finally:
         replica.close()
         trainer.close()
