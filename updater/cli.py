@@ -46,8 +46,11 @@ def add_commands(commands, bench) -> None:
         description="Rebuilds the state at seq S (newest retained snapshot at or before S, then the records up "
         "to S) of every row and of the dense weights changed after S, and appends it as ordinary delta records "
         "(absolute rows, deletes for rows created after S); servers apply them like any delta. Refused when S is "
-        "outside the retained range. With a trainer running, the trainer does it (and restores its own rows). "
-        "Reads the records from the base snapshot to the head of the stream.")
+        "outside the retained range, oldest base .. last seq (a base: seq 0 while the stream starts at seq 1, or "
+        "a snapshot whose later records are all retained), which the refusal names. With a trainer running, the "
+        "trainer does it (and restores its own rows). Reads the records from the base snapshot to the head of "
+        "the stream; on a JetStream bus (MONOLITH_BUS) the snapshot comes from its object store and the records "
+        "from its DELTAS stream.")
     rollback.add_argument("--data-dir", default="data", help="data directory (default ./data)")
     rollback.add_argument("--to-seq", type=int, required=True, help="the seq whose state to restore")
     rollback.add_argument("--wait-s", type=float, default=30.0,
@@ -66,6 +69,23 @@ def add_commands(commands, bench) -> None:
     apply.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(run=_run_bench_apply)
+
+    rollback_bench = bench.add_parser(
+        "rollback", help="a rollback's cost per bus: rows changed since S, records replayed, plan and apply seconds",
+        description="Writes --records sparse records of --rows-per-record rows (a snapshot after the first quarter, "
+        "S at the half), then times planning the rollback to S (base snapshot, records since) and appending it, "
+        "on each --bus: local segment files, and a spawned 3-node nats-server cluster (JetStream: snapshot from "
+        "the object store, records from the DELTAS stream, fenced appends).")
+    rollback_bench.add_argument("--bus", choices=("local", "nats", "both"), default="both",
+                                help="which bus (default both)")
+    rollback_bench.add_argument("--records", type=positive_int, default=40, help="records written (default 40)")
+    rollback_bench.add_argument("--rows-per-record", type=positive_int, default=5000,
+                                help="rows per record (default 5000)")
+    rollback_bench.add_argument("--pool", type=positive_int, default=200_000,
+                                help="FIDs drawn from this many IDs (default 200000)")
+    rollback_bench.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    rollback_bench.add_argument("--json", action="store_true", help="print one JSON object")
+    rollback_bench.set_defaults(run=_run_bench_rollback)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -105,13 +125,23 @@ def _run_hold(args: argparse.Namespace) -> int:
 
 
 def _run_rollback(args: argparse.Namespace) -> int:
+    from server.streams.bus import BusError
     from updater.rollback import RollbackRangeError, rollback_now
 
     try:
         print(rollback_now(args.data_dir, args.to_seq, schema(), args.wait_s))
-    except (RollbackRangeError, TimeoutError) as exc:
+    except (RollbackRangeError, TimeoutError, BusError) as exc:
         print(f"monolith-rt deltas rollback: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_bench_rollback(args: argparse.Namespace) -> int:
+    from updater.rollback_bench import bench_rollback
+
+    buses = ["local", "nats"] if args.bus == "both" else [args.bus]
+    emit(bench_rollback(schema(), buses, args.records, args.rows_per_record, args.pool, args.seed), args.json,
+         key_values)
     return 0
 
 
