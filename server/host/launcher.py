@@ -250,6 +250,7 @@ class TritonServer:
             f"--grpc-address={self.grpc_host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            "--metrics-config=summary_latencies=true",  # per-model latency quantiles for the dashboard (server/ops)
             "--pinned-memory-pool-byte-size=0",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]

@@ -151,8 +151,9 @@ class Supervisor:
 
     def _metrics_text(self) -> bytes:
         from server.front.metrics import exposition
+        from server.streams.usage import exposition as disk_exposition
 
-        return exposition(self.http.stats, self.stats)
+        return exposition(self.http.stats, self.stats) + disk_exposition(self.config.data_dir)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
