@@ -1,7 +1,10 @@
 """The hot-swap updater: a thread inside the ranker's process that applies deltas.
 
 It tails the delta stream from the snapshot's sequence number and applies
-records strictly in order, while requests keep being served:
+records strictly in order, while requests keep being served. Between records
+it waits on the reader (the file log's reader wakes when the trainer appends:
+server.streams.watch), so a record is applied as soon as it lands and an idle
+updater wakes ten times a second; a reader that cannot wait is polled.
 
     sparse   rows upserted into the live table in chunks of ``chunk_rows``
              (one chunk holds the table's writer well under a millisecond),
@@ -59,20 +62,22 @@ class DeltaApplier:
         runtime: the object serving requests; needs .table, .dense, .schema, .delta_seq.
         open_reader: after_seq -> DeltaReader, called at start and after each halt.
         load_snapshot: () -> the newest readable server.streams.snapshots.Snapshot, or None.
-        poll_interval_s: sleep when the stream has nothing new.
+        poll_interval_s: sleep when the stream has nothing new and its reader cannot wait for a record.
+        idle_wait_s: the longest wait on a reader that can (a stop is seen within it).
         chunk_rows: rows per table upsert.
         retry_delays_s: waits before each retry after a halt; then a snapshot reload.
     """
 
     def __init__(self, runtime, open_reader: Callable[[int], DeltaReader], poll_interval_s: float = 0.005,
                  chunk_rows: int = 4096, load_snapshot: Callable[[], object] | None = None,
-                 retry_delays_s: tuple[float, ...] = (0.1, 0.5, 2.0)):
+                 retry_delays_s: tuple[float, ...] = (0.1, 0.5, 2.0), idle_wait_s: float = 0.1):
         if not retry_delays_s or min(retry_delays_s) <= 0:
             raise ValueError(f"retry_delays_s requires one or more delays > 0, got {retry_delays_s}")
         self.runtime = runtime
         self._open_reader = open_reader
         self._load_snapshot = load_snapshot
         self.poll_interval_s = poll_interval_s
+        self.idle_wait_s = idle_wait_s
         self.chunk_rows = chunk_rows
         self.retry_delays_s = tuple(retry_delays_s)
         self.rows_applied = 0
@@ -171,13 +176,22 @@ class DeltaApplier:
                         return reason
                     self.halted_reason = None
                 if not records:
-                    self._stop.wait(self.poll_interval_s)
+                    self._wait(reader)
             return None
         except Exception as exc:  # a reader or table failure: never die silently
             log.exception("delta updater failed")
             return f"updater failed: {exc!r}"
         finally:
             reader.close()
+
+    def _wait(self, reader) -> None:
+        """Until the stream may hold a new record: a reader that can wait (``wait``: the file log wakes when
+        the trainer appends) is waited on, ``idle_wait_s`` at most so that a stop is seen; others are polled."""
+        wait = getattr(reader, "wait", None)
+        if wait is None:
+            self._stop.wait(self.poll_interval_s)
+        else:
+            wait(self.idle_wait_s)
 
     def _reload_snapshot(self) -> bool:
         """Loads the newest snapshot past the current seq, if there is one; True if it did."""

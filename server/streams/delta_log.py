@@ -17,6 +17,7 @@ from typing import Protocol
 
 from server.streams.log import SegmentLogReader, SegmentLogWriter
 from server.streams.deltas import DeltaError, DeltaRecord
+from server.streams.watch import DirectoryWatch
 
 
 class DeltaWriter(Protocol):
@@ -29,6 +30,8 @@ class DeltaWriter(Protocol):
 
 class DeltaReader(Protocol):
     def read(self, max_records: int | None = None) -> list[DeltaRecord]: ...
+
+    # Optional: ``wait(timeout_s)`` blocks until a record may have arrived (a reader without it is polled).
 
     def close(self) -> None: ...
 
@@ -67,11 +70,14 @@ class FileDeltaWriter:
 class FileDeltaReader:
     """Tails a segment log directory for delta records after seq ``after_seq``.
     ``read`` raises DeltaError or LogCorruptError on a bad record (after
-    returning the good ones before it) and never returns the bad one."""
+    returning the good ones before it) and never returns the bad one.
+    ``wait`` blocks until the writer appends (server.streams.watch), so a
+    follower wakes when a record lands instead of polling."""
 
     def __init__(self, directory: str | Path, after_seq: int = 0):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self._watch = DirectoryWatch([directory])  # before the first read: no append goes unnoticed
         self._log = SegmentLogReader(directory, start_record=after_seq)
         self.directory = directory
         self._error: Exception | None = None
@@ -94,5 +100,10 @@ class FileDeltaReader:
             out.append(record)
         return out
 
+    def wait(self, timeout_s: float) -> bool:
+        """Blocks until the log directory changes (True) or ``timeout_s`` passes (False)."""
+        return self._watch.wait(timeout_s)
+
     def close(self) -> None:
+        self._watch.close()
         self._log.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 from server.streams.log import SegmentLogReader, SegmentLogWriter
 from server.streams.names import CHECKPOINTS, DELTAS, FEATURES, FEEDBACK, LOGS, SNAPSHOTS
+from server.streams.watch import LogsWatch
 
 _STREAMS = (FEATURES, FEEDBACK, DELTAS, SNAPSHOTS, CHECKPOINTS)
 
@@ -43,6 +44,10 @@ class Streams:
 
     def open_reader(self, stream: str, instance: str | None = None, **options) -> SegmentLogReader:
         return SegmentLogReader(self.path(stream, instance), **options)
+
+    def watch_logs(self) -> LogsWatch:
+        """Wakes its ``wait`` when any feature or feedback log gains a record (server.streams.watch)."""
+        return LogsWatch([self.data_dir / stream for stream in LOGS])
 
     # The bus interface beside the directories (JetStreamStreams answers the same).
 
