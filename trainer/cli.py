@@ -41,7 +41,14 @@ def add_commands(commands, bench) -> None:
         "4, saying why.")
     online.add_argument("--data-dir", default="data", help="data directory shared with the server (default ./data)")
     online.add_argument("--sync-interval-ms", type=float, default=200.0,
-                        help="sparse delta interval, 50 ms to 24 h (default 200)")
+                        help="sparse delta interval, 50 ms to 24 h: the longest a trained row waits (default 200)")
+    online.add_argument("--emit-min-gap-ms", type=float, default=10.0,
+                        help="a trained micro-batch's rows leave at once as a sparse delta, at least this long "
+                        "after the previous one, so a flood of clicks becomes one record per gap; 0 to the sync "
+                        "interval (default 10)")
+    online.add_argument("--no-emit-on-train", action="store_true",
+                        help="emit sparse deltas on the sync timer only (the behaviour before issue 23; for "
+                        "comparisons such as loadtest freshness --baseline)")
     online.add_argument("--dense-interval-s", type=float, default=600.0, help="dense delta interval (default 600)")
     online.add_argument("--snapshot-interval-s", type=float, default=600.0,
                         help="snapshot interval; each also sends the dense weights (default 600)")
@@ -156,7 +163,8 @@ def _run_online(args: argparse.Namespace) -> int:
                           lr_dense=args.lr_dense, expiry_interval_s=args.expiry_interval_s,
                           log_retention_s=args.log_retention_s, guard=not args.no_guard,
                           max_time_ahead_s=args.max_time_ahead_s, max_expiry_share=args.max_expiry_share,
-                          join_buffer_bytes=int(args.join_buffer_mb * 2**20))
+                          join_buffer_bytes=int(args.join_buffer_mb * 2**20),
+                          emit_on_train=not args.no_emit_on_train, emit_min_gap_s=args.emit_min_gap_ms / 1000)
     try:
         trainer = OnlineTrainer(schema(), args.data_dir, config)
     except FencedError as exc:
@@ -165,7 +173,13 @@ def _run_online(args: argparse.Namespace) -> int:
     except BusError as exc:  # unreachable or refusing bus
         print(f"monolith-rt train online: {exc}", file=sys.stderr, flush=True)
         return 2
-    print(f"online trainer on {args.data_dir}: {trainer.start_message}", file=sys.stderr, flush=True)
+    try:
+        warm_s = trainer.warm_up()  # join, train step and emit compiled and run once, before ready
+    except BaseException:
+        trainer.close()
+        raise
+    print(f"online trainer on {args.data_dir}: {trainer.start_message}; warmed up in {warm_s:.2f} s",
+          file=sys.stderr, flush=True)
     try:
         trainer.run(stop, max_seconds=args.max_seconds)
     finally:

@@ -7,7 +7,12 @@ Online loop, one thread, every step bounded:
                                windows close)
     micro-batch                trains when ``batch_size`` examples wait, or the
                                oldest has waited ``max_batch_delay_s``
-    every sync interval        the touched rows -> one sparse delta record
+    after a trained batch      its rows -> one sparse delta record at once,
+                               ``emit_min_gap_s`` after the previous one at the
+                               earliest (a flood of clicks: one record per gap,
+                               of at most ``batch_size`` examples' rows each)
+    every sync interval        the touched rows -> one sparse delta record (the
+                               upper bound; the only trigger with emit_on_train off)
     every dense interval       the dense weights -> one dense delta record
     every expiry interval      per-slot TTL eviction (deletes ride the next delta),
                                on the trainer's clock, behind the expiry breaker
@@ -15,6 +20,17 @@ Online loop, one thread, every step bounded:
                                serving snapshot and a trainer checkpoint at
                                that seq, then retention (trainer.retention)
     stop (SIGINT/SIGTERM)      the same as a snapshot, then exit
+
+Waiting: when nothing is to be done before the next timer, the loop waits on
+the bus (local logs: server.streams.watch wakes it when a ranker or feedback
+instance appends; ``idle_wait_s`` at most), so a click is joined as soon as
+it lands and an idle trainer wakes a few times a second; a bus that cannot
+wake it is polled every ``poll_interval_s``.
+
+Warm-up: ``warm_up`` runs a join, a train step, a prediction and a delta's
+encoding on scratch copies (a scratch log, model and record, nothing the
+stream or the checkpoint sees), so numba's and torch's first calls happen
+before ``train online`` reports ready, not on the first user's click.
 
 Start: the newest trainer checkpoint is restored, then the stream is made
 to agree with it (``reconcile``): records past the checkpoint are undone by
@@ -68,6 +84,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Examples
 from trainer.guard import GuardConfig, expiry_breaker
 from trainer.guard_owner import TrainerGuard
+from server.streams.names import FEATURES, FEEDBACK
 from trainer.joiner import COUNTERS, MAX_BUFFER_BYTES, Joiner
 from trainer.joiner_metrics import write_joiner_metrics
 from trainer.model import TrainerModel, auc
@@ -87,7 +104,7 @@ class OnlineConfig:
     snapshot_interval_s: float = 600.0
     expiry_interval_s: float = 60.0
     batch_size: int = 1024
-    max_batch_delay_s: float = 0.02
+    max_batch_delay_s: float = 0.005  # a lone click waits this long for company before it is trained
     window_s: float = 30.0
     negative_rate: float = 0.1
     poll_interval_s: float = 0.005
@@ -107,6 +124,11 @@ class OnlineConfig:
     max_time_ahead_s: float = 300.0
     # An expiry pass removing more than this share of the table holds emission (the expiry breaker).
     max_expiry_share: float = 0.2
+    # A trained batch's rows leave at once, records at least this far apart; off: the sync timer alone.
+    emit_on_train: bool = True
+    emit_min_gap_s: float = 0.01
+    # The longest wait for new feedback on a bus that wakes the trainer (the local logs).
+    idle_wait_s: float = 0.05
 
     def __post_init__(self):
         if not 0.05 <= self.sync_interval_s <= 86400:
@@ -120,6 +142,11 @@ class OnlineConfig:
         if not 0 < self.max_expiry_share <= 1:
             raise ValueError(f"--max-expiry-share requires a share in (0, 1] (1: no breaker), got "
                              f"{self.max_expiry_share}")
+        if not 0 <= self.emit_min_gap_s <= self.sync_interval_s:
+            raise ValueError(f"--emit-min-gap-ms requires 0 to the sync interval ({self.sync_interval_s * 1000:g} "
+                             f"ms), got {self.emit_min_gap_s * 1000:g} ms")
+        if not 0 < self.idle_wait_s <= 1:
+            raise ValueError(f"idle_wait_s requires (0, 1] s, got {self.idle_wait_s}")
 
 
 def publish(data_dir: Path, model: TrainerModel, writer: DeltaWriter, joiner: Joiner | None,
@@ -261,6 +288,9 @@ class OnlineTrainer:
             setattr(self.joiner, name, counters.get(name, 0))
         self.emitted_rows = 0
         self.emitted_records = 0
+        self.last_sparse_s = float("-inf")  # time.monotonic() of the last sparse record
+        watch_logs = getattr(self.streams, "watch_logs", None)  # before the first poll: no append unnoticed
+        self._watch = watch_logs() if watch_logs is not None else None
         # Prequential AUC over the most recent micro-batches only: memory stays bounded.
         self._scores: deque[np.ndarray] = deque(maxlen=PREQUENTIAL_BATCHES)
         self._labels: deque[np.ndarray] = deque(maxlen=PREQUENTIAL_BATCHES)
@@ -301,15 +331,17 @@ class OnlineTrainer:
                         self._train(waiting)
                         waiting, waiting_since = [], None
                     self.publish()
-                if now >= next_sync:
+                # before emitting: a pass's deletes ride the same record, and a pass the breaker holds
+                # holds what was trained with it
+                if now >= next_expiry or self.guard.expiry_approved:
+                    self._expire()
+                    next_expiry = now + cfg.expiry_interval_s
+                if now >= next_sync or (self._emit_due() and now >= self.last_sparse_s + cfg.emit_min_gap_s):
                     self._emit_sparse()
                     next_sync = now + cfg.sync_interval_s
                 if now >= next_dense:
                     self._emit_dense()
                     next_dense = now + cfg.dense_interval_s
-                if now >= next_expiry or self.guard.expiry_approved:
-                    self._expire()
-                    next_expiry = now + cfg.expiry_interval_s
                 if now >= next_snapshot:
                     if waiting:  # joined examples live in no log any more: train before checkpointing
                         self._train(waiting)
@@ -319,8 +351,13 @@ class OnlineTrainer:
                 if now >= next_stats:
                     self._log_stats(cfg.stats_interval_s)
                     next_stats = now + cfg.stats_interval_s
-                if not len(joined) and not waiting:
-                    stop.wait(cfg.poll_interval_s)
+                if not len(joined):
+                    timers = [next_sync, next_dense, next_expiry, next_snapshot, next_stats]
+                    if waiting:
+                        timers.append(waiting_since + cfg.max_batch_delay_s)
+                    if self._emit_due():
+                        timers.append(self.last_sparse_s + cfg.emit_min_gap_s)
+                    self._wait(stop, min(timers) - time.monotonic())
             if waiting:
                 self._train(waiting)
         except FencedError as exc:  # another trainer writes the delta stream now: write nothing more
@@ -333,6 +370,59 @@ class OnlineTrainer:
 
     def counters(self) -> dict:
         return {"examples": self.examples, **self.joiner.counters()}
+
+    def _emit_due(self) -> bool:
+        """Trained rows wait that the training trigger sends (and emission is not held)."""
+        return self.config.emit_on_train and self.guard.emitting and self.model.pending_rows() > 0
+
+    def _wait(self, stop: threading.Event, timeout_s: float) -> None:
+        """Until new feedback may be there or ``timeout_s`` (the next timer) passes, ``idle_wait_s`` at
+        most; a bus that cannot wake the trainer is polled."""
+        if timeout_s <= 0:
+            return
+        if self._watch is not None and self._watch.active:
+            self._watch.wait(min(timeout_s, self.config.idle_wait_s))
+        else:
+            stop.wait(min(timeout_s, self.config.poll_interval_s))
+
+    def warm_up(self) -> float:
+        """Compiles and runs once what the first click costs (module docstring: a join, a train step, a
+        prediction, a delta record's encoding), on scratch copies: nothing reaches the stream, the table or
+        the checkpoint. Returns the seconds it took."""
+        import tempfile
+
+        from server.streams import Streams
+        from server.streams.records import FeatureRecord, FeedbackRecord
+
+        started = time.perf_counter()
+        schema = self.model.schema
+        with tempfile.TemporaryDirectory(prefix="monolith-warm-") as scratch:
+            streams = Streams(scratch)
+            user, items = schema.encode_request({"user_id": "warm-up"}, [{"item_id": f"warm-{i}"} for i in range(4)])
+            at = time.time()
+            with streams.open_writer(FEATURES, "warm") as features, streams.open_writer(FEEDBACK, "warm") as actions:
+                features.append(FeatureRecord(b"warm", at, 0, user, items, np.full(4, 0.5, np.float32)).encode())
+                actions.append(FeedbackRecord(b"warm", at, at, items[:1, 0].copy(), np.ones(1, np.float32)).encode())
+            joiner = Joiner(scratch, window_s=1e-3, negative_rate=1.0, streams=streams,
+                            label_range=(schema.label_min, schema.label_max))
+            try:
+                joined = joiner.poll()
+                time.sleep(2e-3)
+                more = joiner.poll(time.monotonic() + 1.0)
+                parts = [j.arrays() for j in (joined, more) if len(j)]
+            finally:
+                joiner.close()
+            user_fids, item_fids, labels, times, rates = (np.concatenate(p) for p in zip(*parts)) if parts else (
+                np.repeat(user, 4, axis=0), items, np.ones(4, np.float32), np.full(4, at), np.ones(4, np.float32))
+            scratch_model = TrainerModel(schema)
+            for _ in range(2):  # the second step runs what the first compiled, with rows present
+                scratch_model.predict(user_fids, item_fids)
+                scratch_model.train_step(user_fids, item_fids, labels, now=float(times.max()), sample_rates=rates)
+            record = scratch_model.take_delta(1)
+            if record is not None:
+                DeltaRecord.decode(record.encode())
+            auc(labels, scratch_model.predict(user_fids, item_fids))
+        return time.perf_counter() - started
 
     def publish(self) -> int:
         if not self.guard.emitting:
@@ -397,6 +487,7 @@ class OnlineTrainer:
             self.writer.append(record)
             self.emitted_rows += record.fids.shape[0]
             self.emitted_records += 1
+            self.last_sparse_s = time.monotonic()
 
     def _emit_dense(self) -> None:
         if not self.guard.emitting:
@@ -428,6 +519,8 @@ class OnlineTrainer:
         self.guard.write_state()
 
     def close(self) -> None:
+        if getattr(self, "_watch", None) is not None:  # absent when __init__ failed before it
+            self._watch.close()
         self.joiner.close()
         self.writer.close()
         self.streams.close()
