@@ -28,6 +28,8 @@ from server.streams.jetstream.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
+INSTANCES_CACHE_S = 0.1  # the list of replicas' logs: one stream-info request per this, at most
+
 
 class JetStreamStreams(Streams):
     """The streams on NATS JetStream (see the module docstring); snapshots and checkpoints also
@@ -126,11 +128,12 @@ class JetStreamStreams(Streams):
         return JetStreamLogWriter(self, stream, f"{self.config.replica}.{instance}")
 
     def instances(self, stream: str) -> list[str]:
-        """The "<replica>.<instance>" logs of ``stream`` that hold messages (cached for a second)."""
+        """The "<replica>.<instance>" logs of ``stream`` that hold messages (cached for INSTANCES_CACHE_S:
+        a new replica's first click waits that long at most to be found)."""
         if stream not in LOGS:
             raise ValueError(f"stream requires one of {LOGS}, got {stream!r}")
         cached = self._instances_cache.get(stream)
-        if cached is not None and time.monotonic() - cached[0] < 1.0:
+        if cached is not None and time.monotonic() - cached[0] < INSTANCES_CACHE_S:
             return cached[1]
         info = self.run(retrying(lambda: self.js.stream_info(STREAM_NAMES[stream], subjects_filter=">")))
         prefix = SUBJECT_PREFIX[stream] + "."
