@@ -136,6 +136,13 @@ def add_commands(commands, bench) -> None:
                        "alternate replicas; then the replicas' tables are compared with the trainer's "
                        "(replicas_identical). About 1 minute for 2 replicas and 20 probes here (default local)")
     fresh.add_argument("--replicas", type=positive_int, default=2, help="servers with --bus nats (default 2)")
+    fresh.add_argument("--rate", type=float, default=0.0,
+                       help="meanwhile, send this many ranking requests/s of 100 candidates (open loop) and report "
+                       "their p50/p99 as the ranker's latency (default 0: the probes' own ranking calls)")
+    fresh.add_argument("--baseline", action="store_true",
+                       help="measure twice in one run, first with the trainer emitting on its sync timer only "
+                       "(--no-emit-on-train), then as usual; reports both (\"baseline\") and ranker_p99_ratio. "
+                       "Each run also reports the sparse delta records/s and rows per record while the probes ran")
     add_api_key_option(fresh)
     fresh.set_defaults(run=_run_freshness)
 
@@ -244,10 +251,16 @@ def _run_freshness(args: argparse.Namespace) -> int:
              f"after quiescing: {r['replicas_identical']}")
         return 0 if result["failed"] == 0 and result["replicas_identical"] else 1
     result = run_freshness(args.url, args.protocol, args.probes, args.timeout_s, args.sync_interval_ms, schema(),
-                           api_key=api_key(args))
+                           api_key=api_key(args), rate=args.rate, baseline=args.baseline)
+
+    def line(r: dict) -> str:
+        return (f"p50 {r['p50_s']} s, p99 {r['p99_s']} s, max {r['max_s']} s, failed {r['failed']}; ranker p99 "
+                f"{r['ranker_p99_ms']} ms; {r.get('delta_records_per_s')} delta records/s, "
+                f"{r.get('rows_per_record')} rows/record")
+
     emit(result, args.json, lambda r: f"freshness over {r['probes']} probes (sync interval "
-         f"{args.sync_interval_ms:.0f} ms): p50 {r['p50_s']} s, p99 {r['p99_s']} s, max {r['max_s']} s, "
-         f"failed {r['failed']}")
+         f"{args.sync_interval_ms:.0f} ms): {line(r)}" + (f"\ntimer only (baseline): {line(r['baseline'])}; "
+         f"ranker p99 ratio {r.get('ranker_p99_ratio')}" if "baseline" in r else ""))
     return 0 if result["failed"] == 0 else 1
 
 

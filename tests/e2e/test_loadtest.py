@@ -35,6 +35,16 @@ def test_short_freshness_run():
     assert 0 < result["p50_s"] <= result["max_s"] < 5.0
 
 
+def test_short_freshness_run_against_its_timer_only_baseline_under_load():
+    """--baseline --rate: both modes measured in one run, each with the emitted records and the load's p99."""
+    result = run_freshness(None, "grpc", probes=3, timeout_s=10.0, sync_interval_ms=200.0, schema=SCHEMA,
+                           rate=20.0, baseline=True)
+    for run in (result, result["baseline"]):
+        assert run["probes"] == 3 and run["failed"] == 0 and run["load_errors"] == 0
+        assert run["delta_records_per_s"] > 0 and run["rows_per_record"] >= 1 and run["ranker_p99_ms"] > 0
+    assert result["ranker_p99_ratio"] > 0
+
+
 
 def test_short_demo_run(tmp_path):
     from loadtest.demo import run_demo
