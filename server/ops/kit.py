@@ -41,6 +41,7 @@ _DASHBOARD_SCHEMA = HERE / "dashboard.schema.json"
 PROMETHEUS_SERIES = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds", "scrape_samples_scraped"})
 # Labels Prometheus attaches to every scraped series (or that the scrape renames into).
 _TARGET_LABELS = frozenset({"job", "instance", "__name__"})
+_LABEL_VALUES = re.compile(r"^\s*label_values\((.+),\s*[a-zA-Z_][a-zA-Z0-9_]*\s*\)\s*$")  # a variable's query
 _GRAFANA_INTERVALS = re.compile(r"\$(__rate_interval|__interval|__range)\b|\$\{(__rate_interval|__interval|__range)\}")
 
 
@@ -152,6 +153,11 @@ def load_dashboard(path: Path = DASHBOARD) -> dict:
     if len(ids) != len(set(ids)):
         raise KitError(f"{path.name}: panel ids require to be unique, got {sorted(ids)}")
     for panel in panels(dashboard):
+        grid = panel["gridPos"]
+        if grid["x"] + grid["w"] > 24:
+            raise KitError(f"{path.name}: panel {panel['title']!r} requires x + w <= 24 (Grafana's grid), got "
+                           f"{grid['x']} + {grid['w']}")
+    for panel in panels(dashboard):
         for target in panel.get("targets", []):
             parse_promql(target["expr"], f"{path.name}: panel {panel['title']!r}")
     return dashboard
@@ -175,6 +181,12 @@ def used_metrics(rules: dict, dashboard: dict) -> list[Use]:
     for panel in panels(dashboard):
         for target in panel.get("targets", []):
             uses += selectors(target["expr"], f"panel {panel['title']!r}")
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        query = query.get("query", "") if isinstance(query, dict) else query or ""
+        match = _LABEL_VALUES.match(query)
+        if variable["type"] == "query" and match:
+            uses += selectors(match.group(1), f"variable ${variable['name']}")
     return uses
 
 

@@ -22,6 +22,7 @@ def test_shipped_rules_and_dashboard_are_well_formed():
     assert {"monolith_delta_updater_halted", "monolith_guard_state", "monolith_joiner_total",
             "nv_inference_request_success", "monolith_data_dir_free_bytes"} <= names
     assert any(u.labels == (("counter", "joined"),) for u in uses)  # fixed label values are kept for the check
+    assert any(u.where == "variable $model" and u.name == "nv_inference_request_success" for u in uses)
 
 
 def _rules(tmp_path, rule: str):
@@ -61,6 +62,7 @@ def test_a_second_alert_of_the_same_name_is_refused(tmp_path):
     (lambda d: d["panels"][2].update(id=d["panels"][1]["id"]), "panel ids require to be unique"),
     (lambda d: d["panels"][1]["targets"][0].update(expr="sum(rate(x[5m])"), "PromQL does not parse"),
     (lambda d: d["panels"][1]["gridPos"].update(w=25), "at panels/1/gridPos/w"),
+    (lambda d: d["panels"][1]["gridPos"].update(x=20, w=8), "requires x \\+ w <= 24"),
     (lambda d: d["panels"][1]["targets"][0]["datasource"].update(uid="my-prometheus"), "at panels/1/targets/0"),
     (lambda d: d.pop("__inputs"), "'__inputs' is a required property"),
 ])
