@@ -93,7 +93,7 @@ def add_commands(commands, bench) -> None:
         "are count-based (equal numbers of micro-batches), since ~90% of ML-1M's ratings fall in 2000.")
     experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration", "guard"),
                             help="which experiment (guard: the quality guard against poison and drift, trainer."
-                            "guard_experiment; about a minute per seed here: --seeds 3 took 192 s, --quick about 20 s)")
+                            "guard_experiment; --seeds 3 took 314 s here on 2 busy shared cores, --quick about 20 s)")
     experiment.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
     experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants; guard: a tail of 24,000 (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")

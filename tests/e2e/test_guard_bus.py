@@ -133,7 +133,8 @@ def test_the_guard_rolls_back_on_the_bus_from_the_object_store_and_the_stream(cl
         guard.poll_control(model, writer, time.time(), monotonic_s=10.0)
         state = read_state(tmp_path / "trainer")
         assert guard.emitting, state["last_action"]
-        assert state["last_action"].startswith(f"rollback to seq {s}") and "dense weights restored" in state["last_action"]
+        assert state["last_action"].startswith(f"rollback to seq {s}")
+        assert "dense weights restored" in state["last_action"]
         assert guard.unconfirmed == {"to_seq": s, "end_seq": writer.next_seq - 1}
         rows, dense, _ = replica_state(replica)
         assert rows == at_s[0]  # byte for byte; rows created after S deleted
