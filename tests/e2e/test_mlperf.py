@@ -65,3 +65,19 @@ def test_offline_run_completes_every_query(serve, tmp_path):
 
 def _summary(result: dict, model: str = "ranker") -> str:
     return (Path(result[model]["log_dir"]) / "mlperf_log_summary.txt").read_text()
+
+
+def test_api_key_is_sent_and_refusals_are_counted_as_errors(tmp_path):
+    key = tmp_path / "api.key"
+    key.write_text("mlperf-test-key-0123456789abcdef\n")
+    key.chmod(0o600)
+    with ServeProcess(tmp_path / "data", extra_args=["--api-key-file", str(key)]) as server:
+        for api_key, protocol, url in ((None, "grpc", server.grpc_url), ("mlperf-test-key-0123456789abcdef", "http",
+                                                                          server.http_url)):
+            result = run_mlperf(SCHEMA, _config(tmp_path / protocol, url, protocol=protocol, scenario="offline",
+                                                target_qps=50, min_duration_s=1, api_key=api_key))
+            queries = int(50 * 1 * 1.1)
+            if api_key is None:  # every query refused by the front, each still completed and counted
+                assert result["errors"] == queries, result["ranker"]["errors_by_kind"]
+            else:
+                assert result["errors"] == 0, result["ranker"]["errors_by_kind"]
