@@ -399,7 +399,7 @@ class Guard:
         verdict and rollback. The window itself is not kept: it fills again from new examples."""
         p = self._pending
         return {**{k: getattr(self, k) for k in self._SCALARS},
-                "reference": self._reference, "quarantine": [[int(k), int(v)] for k, v in self.quarantine.items()],
+                "reference": [list(r) for r in self._reference], "quarantine": [[int(k), int(v)] for k, v in self.quarantine.items()],
                 "cooldown_until": self._cooldown_until, "incident_until": self._incident_until,
                 "held_blocks": self._held_blocks, "pending_first_seq": self._pending_first_seq,
                 "pending": None if p is None else {"sources": p.sources.tolist(), "items": p.items.tolist(),

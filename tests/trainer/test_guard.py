@@ -270,3 +270,25 @@ def test_a_rollback_killed_before_its_checkpoint_is_carried_out_again_exactly_on
         assert stream_state(Streams(tmp_path).path(DELTAS))[0] == at_s[0]
     finally:
         again.close()
+
+
+def test_the_guard_state_survives_a_json_round_trip_mid_verdict():
+    """Guard.to_state/from_state (what the owner writes to state.json): a guard restored while holding reaches
+    the same verdict as the one that never stopped, fed the same examples."""
+    import copy
+    import json
+
+    guard, stream = Guard(), Stream(1)
+    replay(guard, stream, 20)
+    decisions = []
+    while not decisions:
+        decisions = guard.observe(*stream.batch(n=200, bad_sources=5, bad_share=0.3))
+    assert guard.state_name == "held" and [d.action for d in decisions] == ["hold"]
+    restored = Guard.from_state(None, json.loads(json.dumps(guard.to_state())))
+    assert restored.to_state() == json.loads(json.dumps(guard.to_state()))
+    restored.monitor = copy.deepcopy(guard.monitor)  # the window itself is not kept: hand a copy over
+    batches = [stream.batch(n=200, bad_sources=5, bad_share=0.3) for _ in range(30)]
+    original = [d.action for b in batches for d in guard.observe(*b)]
+    again = [d.action for b in batches for d in restored.observe(*b)]
+    assert original == again and "rollback" in original
+    assert restored.rollback_to == guard.rollback_to is not None and not restored.emitting
