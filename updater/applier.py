@@ -48,7 +48,7 @@ import torch
 
 from server.dense import build_dense
 from server.streams import LogCorruptError
-from server.table import EMPTY_KEY
+from server.table import EMPTY_KEY, EmbeddingTable
 from server.streams.deltas import DENSE, SPARSE, DeltaError, DeltaRecord
 from server.streams.delta_log import DeltaReader
 
@@ -89,6 +89,7 @@ class DeltaApplier:
         self.snapshot_reloads = 0
         self.lag_s = 0.0
         self.halted_reason: str | None = None
+        self.warm_up_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delta-applier", daemon=True)
 
@@ -99,8 +100,23 @@ class DeltaApplier:
         return cls(runtime, runtime.streams.open_delta_reader, load_snapshot=runtime.newest_snapshot)
 
     def start(self) -> "DeltaApplier":
+        self.warm_up_s = self.warm_up()
         self._thread.start()
         return self
+
+    def warm_up(self) -> float:
+        """Checks and writes a scratch sparse record (decoded, as the stream's are) into a scratch table of
+        the serving dim, so that numba compiles (or loads) the write path now, not on the first real delta:
+        on empty caches that took 2-4 s, with the first click's row waiting. Returns the seconds."""
+        started = time.perf_counter()
+        dim = self.runtime.table.dim
+        fids = np.array([1, 2], np.uint64)
+        # through its bytes: decoded arrays are read-only, and numba compiles those apart from writable ones
+        record = DeltaRecord.decode(DeltaRecord.sparse(1, time.time(), fids, np.zeros((2, dim), np.float32),
+                                                       fids[1:]).encode())
+        if sparse_fault(record) is None:
+            write_sparse(EmbeddingTable(dim), record.fids, record.values, record.evicted, record.created_s)
+        return time.perf_counter() - started
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
