@@ -27,8 +27,8 @@ instance appends; ``idle_wait_s`` at most), so a click is joined as soon as
 it lands and an idle trainer wakes a few times a second; a bus that cannot
 wake it is polled every ``poll_interval_s``.
 
-Warm-up: ``warm_up`` runs a join, a train step, a prediction and a delta's
-encoding on scratch copies (a scratch log, model and record, nothing the
+Warm-up: ``warm_up`` runs a join, a train step, a prediction, an expiry
+pass, a delta's encoding and a snapshot's table on scratch copies (a scratch log, model and record, nothing the
 stream or the checkpoint sees), so numba's and torch's first calls happen
 before ``train online`` reports ready, not on the first user's click.
 
@@ -386,8 +386,8 @@ class OnlineTrainer:
             stop.wait(min(timeout_s, self.config.poll_interval_s))
 
     def warm_up(self) -> float:
-        """Compiles and runs once what the first click costs (module docstring: a join, a train step, a
-        prediction, a delta record's encoding), on scratch copies: nothing reaches the stream, the table or
+        """Compiles and runs once what the first click (and the first expiry pass, the first snapshot) costs
+        (module docstring), on scratch copies: nothing reaches the stream, the table or
         the checkpoint. Returns the seconds it took."""
         import tempfile
 
@@ -418,10 +418,14 @@ class OnlineTrainer:
             for _ in range(2):  # the second step runs what the first compiled, with rows present
                 scratch_model.predict(user_fids, item_fids)
                 scratch_model.train_step(user_fids, item_fids, labels, now=float(times.max()), sample_rates=rates)
+            auc(labels, scratch_model.predict(user_fids, item_fids))
+            newest = scratch_model.table.newest_stamp  # an expiry pass (every expiry interval) removing all
+            scratch_model.count_expired(newest + 1e9)
+            scratch_model.evict_expired(newest + 1e9)
             record = scratch_model.take_delta(1)
             if record is not None:
                 DeltaRecord.decode(record.encode())
-            auc(labels, scratch_model.predict(user_fids, item_fids))
+            scratch_model.serving_table()  # what a snapshot copies
         return time.perf_counter() - started
 
     def publish(self) -> int:
