@@ -43,3 +43,14 @@ def test_first_batch_after_ready_on_empty_caches(tmp_path):
         trainer.send_signal(signal.SIGTERM)
         trainer.wait(60)
     assert first_batch_s < FIRST_BATCH_S, f"first batch after ready took {first_batch_s:.2f} s: {log.read_text()}"
+
+
+def test_the_first_click_on_empty_caches_reaches_serving_fresh(tmp_path, monkeypatch):
+    """serve and the trainer on an empty numba cache: the first probe is as fresh as the rest (the serving
+    updater compiled its write path before ready; it used to compile on the first delta, 2-4 s here)."""
+    from loadtest.freshness import run_freshness
+    from server.features import shipped_schema
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba-cache"))
+    result = run_freshness(None, "grpc", probes=2, timeout_s=10.0, sync_interval_ms=200.0, schema=shipped_schema())
+    assert result["failed"] == 0 and result["max_s"] < 1.0, result
