@@ -1,4 +1,4 @@
-"""``monolith-rt demo``, ``loadtest latency|mlperf|soak|freshness`` and ``bench serving|batching|feedback|recovery``."""
+"""``monolith-rt demo``, ``loadtest latency|mlperf|soak|freshness`` and ``bench serving|batching|feedback|recovery|instances``."""
 
 from __future__ import annotations
 

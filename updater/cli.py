@@ -1,4 +1,4 @@
-"""``monolith-rt deltas inspect|verify|produce|hold|resume|rollback`` and ``bench apply``: the updater's commands."""
+"""``monolith-rt deltas inspect|verify|produce|hold|resume|rollback`` and ``bench apply|rollback``: the updater's commands."""
 
 from __future__ import annotations
 
