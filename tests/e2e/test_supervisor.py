@@ -126,7 +126,7 @@ def test_stubs_exit_on_their_own_when_their_tritonserver_aborts(tmp_path):
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(request, timeout=10)  # Triton 2.51 aborts on this: why the front exists
         assert server.process.wait(10) != 0
-        wait_until(lambda: not group_members(pgid), "no process of the group left", 10)
+        wait_until(lambda: not group_members(pgid), "no process of the group left", 30)
         for instance in (tmp_path / "feature_log").iterdir():  # the writer lock goes with the stub's last thread
             wait_until(lambda: writer_lock_free(instance), f"{instance} unlocked", 10)
     finally:
