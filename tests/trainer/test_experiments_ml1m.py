@@ -16,6 +16,7 @@ def ml1m():
     return load_dataset("ml-1m", SCHEMA)
 
 
+@pytest.mark.slow  # 15 s with loading MovieLens-1M (outside the quick loop, in the suite)
 def test_collisions_quick_on_ml1m_reports_collision_rates_with_crossed_features(ml1m):
     result = run_collisions(SCHEMA, seeds=1, quick=True, examples=ml1m, dataset="ml-1m",
                             features=("base", "crossed"))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from server.features import shipped_schema
 from trainer.guard_experiment import format_guard, run_guard, write_guard_outputs
 from trainer.online import configure_torch
@@ -9,6 +11,7 @@ from trainer.online import configure_torch
 SCHEMA = shipped_schema()
 
 
+@pytest.mark.slow  # 17 s: the whole guard experiment, quick settings (outside the quick loop, in the suite)
 def test_guard_quick(tmp_path):
     configure_torch()  # one thread, as the command runs it
     result = run_guard(SCHEMA, seeds=1, quick=True)
