@@ -148,13 +148,17 @@ def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureS
     return RankRequest(request_id, request_time, user, items)
 
 
-def parse_request_id(value: np.ndarray | None) -> bytes:
-    value = expect_tensor("request_id", value, np.object_, 1)
+def _one_string(name: str, value: np.ndarray | None):
+    """The one element of a BYTES [1] input, str encoded to bytes (other kinds returned as they are)."""
+    value = expect_tensor(name, value, np.object_, 1)
     if value.shape[0] != 1:
-        raise RequestError(f"input 'request_id' requires shape [1], got {list(value.shape)}")
-    rid = value[0]
-    if isinstance(rid, str):
-        rid = rid.encode()
+        raise RequestError(f"input '{name}' requires shape [1], got {list(value.shape)}")
+    item = value[0]
+    return item.encode() if isinstance(item, str) else item
+
+
+def parse_request_id(value: np.ndarray | None) -> bytes:
+    rid = _one_string("request_id", value)
     if not isinstance(rid, bytes) or not 1 <= len(rid) <= MAX_REQUEST_ID_BYTES:
         size = len(rid) if isinstance(rid, bytes) else type(rid).__name__
         raise RequestError(f"input 'request_id' requires 1 to {MAX_REQUEST_ID_BYTES} bytes, got {size}")
@@ -179,12 +183,7 @@ def parse_impression_id(value: np.ndarray | None) -> bytes:
     returned (IMPRESSION_ID_BYTES lowercase hex characters)."""
     if value is None:
         return b""
-    value = expect_tensor("impression_id", value, np.object_, 1)
-    if value.shape[0] != 1:
-        raise RequestError(f"input 'impression_id' requires shape [1], got {list(value.shape)}")
-    iid = value[0]
-    if isinstance(iid, str):
-        iid = iid.encode()
+    iid = _one_string("impression_id", value)
     if (not isinstance(iid, bytes) or len(iid) != IMPRESSION_ID_BYTES
             or iid.strip(b"0123456789abcdef") != b""):
         shown = repr(iid[:40]) if isinstance(iid, bytes) else type(iid).__name__
