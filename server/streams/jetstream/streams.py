@@ -27,6 +27,7 @@ from server.streams.jetstream.logs import JetStreamLogReader, JetStreamLogWriter
 from server.streams.jetstream.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
+_SETUP_BUDGET_S = 12.0  # per stream or bucket: ensure_streams as a whole waits 60 s
 
 INSTANCES_CACHE_S = 0.1  # the list of replicas' logs: one stream-info request per this, at most
 
@@ -95,19 +96,25 @@ class JetStreamStreams(Streams):
             config = api.StreamConfig(name=STREAM_NAMES[stream], subjects=subjects, num_replicas=replicas,
                                       storage=api.StorageType.FILE, max_age=max_age or None,
                                       duplicate_window=duplicate_window_s, max_msg_size=self.max_payload)
-            try:
-                await js.add_stream(config)
-            except APIError as exc:
-                if "already in use" not in str(exc.description):
-                    raise
-                await js.update_stream(config)
+            await retrying(lambda: self._add_or_update(config), _SETUP_BUDGET_S)  # an election may be under way
             await wait_leader(js, STREAM_NAMES[stream])
-        await js.create_object_store(SNAPSHOT_BUCKET, api.ObjectStoreConfig(bucket=SNAPSHOT_BUCKET,
-                                                                           replicas=replicas))
-        await js.create_key_value(api.KeyValueConfig(bucket=POINTER_BUCKET, replicas=replicas, history=5))
-        await js.create_key_value(api.KeyValueConfig(bucket=LEASE_BUCKET, replicas=replicas, ttl=LEASE_TTL_S))
+        await retrying(lambda: js.create_object_store(
+            SNAPSHOT_BUCKET, api.ObjectStoreConfig(bucket=SNAPSHOT_BUCKET, replicas=replicas)), _SETUP_BUDGET_S)
+        await retrying(lambda: js.create_key_value(
+            api.KeyValueConfig(bucket=POINTER_BUCKET, replicas=replicas, history=5)), _SETUP_BUDGET_S)
+        await retrying(lambda: js.create_key_value(
+            api.KeyValueConfig(bucket=LEASE_BUCKET, replicas=replicas, ttl=LEASE_TTL_S)), _SETUP_BUDGET_S)
         for bucket in (f"OBJ_{SNAPSHOT_BUCKET}", f"KV_{POINTER_BUCKET}", f"KV_{LEASE_BUCKET}"):
             await wait_leader(js, bucket)
+
+    async def _add_or_update(self, config) -> None:
+        """Creates a stream, or updates it where it exists (also when a timed-out try created it)."""
+        try:
+            await self.js.add_stream(config)
+        except APIError as exc:
+            if "already in use" not in str(exc.description):
+                raise
+            await self.js.update_stream(config)
 
     # ------------------------------------------------------------------ logs
 
