@@ -16,7 +16,15 @@ Memory, from /proc after the windows (every instance has served by then):
     table_pss_bytes_by_instance       Pss of those mappings per stub: each shared page split
                                       among the processes mapping it (their sum is the table's
                                       resident bytes, counted once)
-    stub_rss_bytes                    VmRSS of each ranker stub (for information)
+    stub_rss_bytes                    VmRSS of each ranker stub
+    stub_rss_minus_table_bytes        VmRSS of each ranker stub less the Rss of its mappings of
+                                      the table (shared table only): what an instance costs
+                                      beside the rows it reads (interpreter, numpy, numba, the
+                                      runtime, its own heap)
+    ready_s                           seconds from spawning ``monolith-rt serve`` until it
+                                      prints its endpoints: every model of the repository is
+                                      loaded (the ranker's stubs imported, the table
+                                      attached, the request path warmed up) and ready
     cpu_us_per_request                per model: CPU microseconds per request (user + system, all
                                       threads, from /proc/<pid>/stat) of its stubs, of tritonserver
                                       and of the load generator, over its windows. On a saturated
@@ -127,7 +135,9 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
         _snapshot(data_dir, schema, requests, rows, seed)
         repo = repository_with_instances(Path(tmp) / "repo", count, shared_table=shared_table)
         print(f"[bench instances] {count} instance(s): starting monolith-rt serve", file=sys.stderr, flush=True)
+        spawned = time.monotonic()
         with ServeProcess(data_dir, extra_args=["--model-repository", str(repo)]) as serve:
+            ready_s = time.monotonic() - spawned
             url = serve.triton_grpc_url
             run_window(url, "grpc", "ranker", requests, 2.0, None, concurrency, "poisson", 1_000_000, rng)
             counted = {"ranker": [0, 0.0], "baseline": [0, 0.0]}
@@ -147,6 +157,7 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             private = [mapping_bytes(pid, str(directory)) for pid in stubs] if shared_table else None
             pss = [mapping_bytes(pid, str(directory), ("Pss",)) for pid in stubs] if shared_table else None
             rss = [_rss_bytes(pid) for pid in stubs]
+            table_rss = [mapping_bytes(pid, str(directory), ("Rss",)) for pid in stubs] if shared_table else None
     rps = counted["ranker"][0] / counted["ranker"][1]
     baseline_rps = counted["baseline"][0] / counted["baseline"][1]
     return {"instances": count, "shared_table": shared_table, "rps": round(rps, 1),
@@ -154,7 +165,9 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             "table_bytes": table_bytes if shared_table else None,
             "table_private_bytes_per_instance": max(private) if private else None,
             "table_private_bytes_by_instance": private, "table_pss_bytes_by_instance": pss,
-            "stub_rss_bytes": rss, "cpu_us_per_request": cpu.per_request_us()}
+            "stub_rss_bytes": rss,
+            "stub_rss_minus_table_bytes": [r - t for r, t in zip(rss, table_rss)] if shared_table else None,
+            "ready_s": round(ready_s, 2), "cpu_us_per_request": cpu.per_request_us()}
 
 
 def bench_instances(schema: FeatureSchema, counts: list[int], rows: int, candidates: int = 100,
@@ -185,7 +198,10 @@ def format_instances_report(result: dict) -> str:
                      + (f"{table / 2**20:.1f} MiB, private per instance (max) {private / 2**20:.1f} MiB "
                         f"(by instance: {[round(p / 2**20, 1) for p in row['table_private_bytes_by_instance']]})"
                         if table is not None else "private per instance (shared_table false)")
-                     + f"; stub RSS MiB {[round(r / 2**20) for r in row['stub_rss_bytes']]}")
+                     + f"; stub RSS MiB {[round(r / 2**20) for r in row['stub_rss_bytes']]}"
+                     + (f" ({[round(r / 2**20) for r in row['stub_rss_minus_table_bytes']]} without the table)"
+                        if row["stub_rss_minus_table_bytes"] is not None else "")
+                     + f"; ready {row['ready_s']:.2f} s after spawn")
         for model, split in row["cpu_us_per_request"].items():
             lines.append(f"    CPU us per {model} request: " + ", ".join(f"{k} {v}" for k, v in split.items()))
     return "\n".join(lines)
