@@ -396,14 +396,17 @@ class Guard:
 
     def to_state(self) -> dict:
         """What a restarted guard needs (JSON-able): state, counters, reference, quarantine, the pending
-        verdict and rollback. The window itself is not kept: it fills again from new examples."""
+        verdict and rollback; and while a verdict is pending the window, its evidence (the suspects'
+        examples from before the hold: quarantined, their new ones never enter it). Otherwise the
+        window is not kept: it fills again from new examples."""
         p = self._pending
         return {**{k: getattr(self, k) for k in self._SCALARS},
                 "reference": [list(r) for r in self._reference], "quarantine": [[int(k), int(v)] for k, v in self.quarantine.items()],
                 "cooldown_until": self._cooldown_until, "incident_until": self._incident_until,
                 "held_blocks": self._held_blocks, "pending_first_seq": self._pending_first_seq,
                 "pending": None if p is None else {"sources": p.sources.tolist(), "items": p.items.tolist(),
-                                                   "source_share": p.source_share, "item_share": p.item_share}}
+                                                   "source_share": p.source_share, "item_share": p.item_share},
+                "window": None if p is None else self.monitor.to_state()}
 
     @classmethod
     def from_state(cls, config: GuardConfig | None, state: dict) -> "Guard":
@@ -421,6 +424,8 @@ class Guard:
         if p is not None:
             guard._pending = Attribution(np.asarray(p["sources"], np.uint64), np.asarray(p["items"], np.uint64),
                                          p["source_share"], p["item_share"])
+            if state.get("window"):
+                guard.monitor.restore(state["window"])
         elif guard.state == HELD and guard.rollback_to is None:  # held with no verdict to wait for: judge afresh
             guard.state = OPEN
         return guard

@@ -29,6 +29,7 @@ positive and negative counts::
 
 from __future__ import annotations
 
+import base64
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -151,6 +152,24 @@ class QualityMonitor:
 
     def report(self) -> WindowReport:
         return self._report(self.arrays())
+
+    _DTYPES = (("scores", np.float64), ("labels", np.float32), ("seqs", np.int64), ("sources", np.uint64),
+               ("items", np.uint64), ("weights", np.float64))
+
+    def to_state(self) -> dict:
+        """The window, oldest first, as JSON-able base64 arrays (``restore`` takes it back)."""
+        return {name: base64.b64encode(np.ascontiguousarray(a, dtype).tobytes()).decode("ascii")
+                for (name, dtype), a in zip(self._DTYPES, self.arrays())}
+
+    def restore(self, state: dict) -> None:
+        """Refills the window from ``to_state``'s output; the next block starts empty."""
+        arrays = [np.frombuffer(base64.b64decode(state[name]), dtype) for name, dtype in self._DTYPES]
+        n = arrays[0].shape[0]
+        if any(a.shape[0] != n for a in arrays) or n > self.window:
+            raise ValueError(f"a saved quality window requires equal lengths up to {self.window}, got "
+                             f"{[a.shape[0] for a in arrays]}")
+        self.clear()
+        self._put(slice(0, n), *arrays)
 
     def clear(self) -> None:
         """Forgets the window (after a rollback: its scores came from the state undone)."""

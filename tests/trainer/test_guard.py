@@ -274,20 +274,22 @@ def test_a_rollback_killed_before_its_checkpoint_is_carried_out_again_exactly_on
 
 def test_the_guard_state_survives_a_json_round_trip_mid_verdict():
     """Guard.to_state/from_state (what the owner writes to state.json): a guard restored while holding reaches
-    the same verdict as the one that never stopped, fed the same examples."""
-    import copy
+    the same verdict as the one that never stopped, fed the same examples. The suspects' examples from before
+    the hold are the verdict's evidence (quarantined, their new ones never enter the window), so the window
+    goes with the state while a verdict is pending: without it the restored guard released the poison as a
+    false alarm (found by `loadtest guard`, a kill -9 of the trainer during the hold)."""
     import json
 
     guard, stream = Guard(), Stream(1)
     replay(guard, stream, 20)
     decisions = []
     while not decisions:
-        decisions = guard.observe(*stream.batch(n=200, bad_sources=5, bad_share=0.3))
+        decisions = guard.observe(*stream.batch(n=200, bad_sources=2, bad_share=0.3))
     assert guard.state_name == "held" and [d.action for d in decisions] == ["hold"]
+    assert "2 suspect sources" in decisions[0].reason  # every bad source held at once: none left to learn from
     restored = Guard.from_state(None, json.loads(json.dumps(guard.to_state())))
     assert restored.to_state() == json.loads(json.dumps(guard.to_state()))
-    restored.monitor = copy.deepcopy(guard.monitor)  # the window itself is not kept: hand a copy over
-    batches = [stream.batch(n=200, bad_sources=5, bad_share=0.3) for _ in range(30)]
+    batches = [stream.batch(n=200, bad_sources=2, bad_share=0.3) for _ in range(30)]
     original = [d.action for b in batches for d in guard.observe(*b)]
     again = [d.action for b in batches for d in restored.observe(*b)]
     assert original == again and "rollback" in original
