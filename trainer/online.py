@@ -90,7 +90,7 @@ from trainer.joiner_metrics import write_joiner_metrics
 from trainer.model import TrainerModel, auc
 from trainer.retention import apply_retention
 from server.streams.deltas import DENSE, DeltaRecord
-from server.streams.delta_log import DeltaWriter
+from server.streams.delta_log import DeltaWriter, read_through
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +199,18 @@ def reconcile(model: TrainerModel, writer: DeltaWriter, streams: Streams, checkp
     if last == checkpoint_seq:
         return None
     written, dense = [], False
-    reader = streams.open_delta_reader(checkpoint_seq)
+    first = streams.delta_first()
+    after = last if first is None else max(checkpoint_seq, first - 1)
+    if after > checkpoint_seq:  # retention dropped some: what they wrote cannot be undone from here
+        log.warning("reconcile: the delta stream no longer retains seq %d..%d past the trainer checkpoint at seq %d",
+                    checkpoint_seq + 1, after, checkpoint_seq)
+    reader = streams.open_delta_reader(after)
     try:
-        while records := reader.read(max_records=256):
-            for record in records:
-                if record.kind == DENSE:
-                    dense = True
-                else:
-                    written += [record.fids, record.evicted]
+        for record in read_through(reader, after, last, where="reconcile: the delta stream"):
+            if record.kind == DENSE:
+                dense = True
+            else:
+                written += [record.fids, record.evicted]
     finally:
         reader.close()
     fids = np.unique(np.concatenate(written)) if written else np.empty(0, np.uint64)
@@ -223,9 +227,10 @@ def reconcile(model: TrainerModel, writer: DeltaWriter, streams: Streams, checkp
 
 
 def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train_fraction: float = 0.8,
-                batch_size: int = 1024, progress: bool = True, **model_args) -> tuple[dict, TrainerModel]:
+                batch_size: int = 1024, progress: bool = True, bus=None, **model_args) -> tuple[dict, TrainerModel]:
     """One time-ordered pass over the first train_fraction of examples, AUC on
-    the rest, then a serving snapshot + trainer checkpoint in data_dir.
+    the rest, then a serving snapshot + trainer checkpoint in data_dir (and the
+    snapshot on ``bus``, a BusConfig; default: the environment's).
     Returns the figures and the trained model."""
     from tqdm import tqdm
 
@@ -243,7 +248,7 @@ def train_batch(schema: FeatureSchema, examples: Examples, data_dir: Path, train
     elapsed = time.perf_counter() - started
     tail = examples.slice(split, len(examples))
     holdout_auc = auc(tail.labels, model.predict(tail.user_fids, tail.item_fids)) if len(tail) else float("nan")
-    streams = open_streams(data_dir)
+    streams = open_streams(data_dir, bus)
     writer = streams.open_delta_writer()
     try:
         seq = publish(Path(data_dir), model, writer, joiner=None, streams=streams)

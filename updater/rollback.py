@@ -64,10 +64,10 @@ from server.durable import fsync_path
 from server.features import FeatureSchema
 from server.streams.snapshots import list_snapshots, load_snapshot
 from server.streams import DELTAS, SNAPSHOTS, Streams, open_streams
-from server.streams.bus import BusError, FencedError
+from server.streams.bus import FencedError
 from server.streams.segments import list_segments
 from server.streams.deltas import DENSE, DeltaRecord
-from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
+from server.streams.delta_log import FileDeltaReader, FileDeltaWriter, read_through
 
 GUARD_DIR = "guard"
 ROWS_PER_RECORD = 100_000
@@ -182,20 +182,7 @@ class BusHistory:
         until = self.span()[1] if until_seq is None else until_seq
         reader = self.streams.open_delta_reader(after_seq)
         try:
-            deadline, seq = time.monotonic() + self.READ_TIMEOUT_S, after_seq
-            while seq < until:
-                records = reader.read(max_records=256)
-                if not records:
-                    if time.monotonic() > deadline:
-                        raise BusError(f"rollback: {self.where} gave records up to seq {seq} within "
-                                       f"{self.READ_TIMEOUT_S:.0f} s, requires up to {until}")
-                    time.sleep(0.01)
-                    continue
-                for record in records:
-                    if record.seq > until:
-                        return
-                    seq = record.seq
-                    yield record
+            yield from read_through(reader, after_seq, until, self.READ_TIMEOUT_S, f"rollback: {self.where}")
         finally:
             reader.close()
 
@@ -221,8 +208,8 @@ def _history(history):
 def range_error(history, low: int, last: int, to_seq: int) -> RollbackRangeError:
     return RollbackRangeError(f"rollback target requires a seq in the retained range {low}..{last} of "
                               f"{history.where}, got {to_seq}" + (" (the stream is empty)" if last == 0 else "")
-                              + f"; the range runs from the oldest base (seq 0 while the stream starts at seq 1, "
-                              f"or a snapshot whose later records are all retained) to the last seq")
+                              + "; the range runs from the oldest base (seq 0 while the stream starts at seq 1, "
+                              "or a snapshot whose later records are all retained) to the last seq")
 
 
 def plan_rollback(history, to_seq: int, schema: FeatureSchema, extra_fids=()) -> RestorePlan:

@@ -12,6 +12,8 @@ its place in the log is refused on both sides.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -107,3 +109,25 @@ class FileDeltaReader:
     def close(self) -> None:
         self._watch.close()
         self._log.close()
+
+
+def read_through(reader: DeltaReader, after_seq: int, until_seq: int, timeout_s: float = 60.0,
+                 where: str = "the delta stream") -> Iterator[DeltaRecord]:
+    """The records of ``reader`` (opened after seq ``after_seq``) up to seq ``until_seq``, that one
+    included, whatever the backend: a JetStream reader fetches in the background and returns nothing
+    until its messages arrive, so an empty read is not the end. Raises TimeoutError when they do not
+    come within ``timeout_s``."""
+    deadline, seq = time.monotonic() + timeout_s, after_seq
+    while seq < until_seq:
+        records = reader.read(max_records=256)
+        if not records:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{where} gave records up to seq {seq} within {timeout_s:.0f} s, requires up "
+                                   f"to {until_seq}")
+            time.sleep(0.01)
+            continue
+        for record in records:
+            if record.seq > until_seq:
+                return
+            seq = record.seq
+            yield record

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from server.streams.delta_log import FileDeltaReader, FileDeltaWriter
 from server.streams.log import SegmentLogReader, SegmentLogWriter
+from server.streams.segments import list_segments
 from server.streams.names import CHECKPOINTS, DELTAS, FEATURES, FEEDBACK, LOGS, SNAPSHOTS
 from server.streams.watch import LogsWatch
 
@@ -58,6 +59,12 @@ class Streams:
     def open_delta_reader(self, after_seq: int = 0) -> FileDeltaReader:
         """A reader of the delta stream after delta seq ``after_seq``."""
         return FileDeltaReader(self.path(DELTAS), after_seq)
+
+    def delta_first(self) -> int | None:
+        """The delta seq the oldest retained segment starts at (None: no segment)."""
+        directory = self.path(DELTAS)
+        firsts = list_segments(directory) if directory.is_dir() else []
+        return firsts[0] + 1 if firsts else None
 
     def ensure_streams(self, **options) -> None:
         """Creates what the streams need where they live: directories appear on first write here."""

@@ -15,11 +15,11 @@ import torch
 
 from server.features import shipped_schema
 from server.streams.deltas import DENSE, DeltaRecord
+from server.streams.delta_log import read_through
 from server.streams.jetstream import BusConfig, JetStreamStreams
 from server.streams.nats_cluster import NatsCluster
 from server.streams.snapshots import load_latest_snapshot, write_snapshot
 from server.table import EmbeddingTable
-from tests.waiting import wait_until
 from trainer.guard import HELD
 from trainer.guard_owner import TrainerGuard
 from trainer.model import TrainerModel
@@ -57,9 +57,7 @@ def replica_state(streams: JetStreamStreams) -> tuple[dict[int, bytes], dict, in
     head = streams.delta_head()[0]
     reader = streams.open_delta_reader(seq)
     try:
-        got = []
-        wait_until(lambda: got.extend(reader.read()) or (got and got[-1].seq >= head), timeout_s=30,
-                   what=f"the replica's reader up to seq {head}")
+        got = list(read_through(reader, seq, head, timeout_s=30, where="the replica's reader"))
     finally:
         reader.close()
     for record in got:
@@ -88,7 +86,7 @@ def model_state(model: TrainerModel) -> dict[int, bytes]:
 
 
 def dense_bytes(state: dict) -> dict:
-    return {k: v.contiguous().numpy().tobytes() for k, v in state.items()}
+    return {k: np.ascontiguousarray(np.asarray(v)).tobytes() for k, v in state.items()}
 
 
 def test_the_guard_rolls_back_on_the_bus_from_the_object_store_and_the_stream(cluster, tmp_path):
@@ -227,3 +225,95 @@ def test_a_trainer_paused_past_its_lease_moves_no_pointer_and_purges_nothing(clu
     assert admin.run(admin.js.stream_info("MONOLITH_DELTAS")).state.first_seq == first  # nothing purged
     writer.close()
     admin.close()
+
+
+def test_a_rollback_killed_before_its_checkpoint_on_the_bus_is_carried_out_again_exactly_once(cluster, tmp_path,
+                                                                                             monkeypatch):
+    """The local bus's crash test (tests/trainer/test_guard.py) on JetStream: a rollback appended to the
+    DELTAS stream, then the trainer gone before the checkpoint that makes it durable. The restarted trainer
+    (its checkpoint holds the poison) reconciles the stream, plans the rollback again from the bus and
+    appends it; a replica joining from the bus ends at the state at S, rows and dense weights; a second
+    restart past a checkpoint recognises it done, the guard's state intact."""
+    from trainer.online import OnlineTrainer
+    from updater.rollback import write_control
+
+    for key, value in bus(cluster, "trainer").to_env().items():
+        monkeypatch.setenv(key, value)
+    rng = np.random.default_rng(9)
+    admin = JetStreamStreams(tmp_path / "admin", bus(cluster, "trainer"))
+    admin.ensure_streams()
+    admin.run(admin.js.purge_stream("MONOLITH_DELTAS"))
+    admin.close()
+    data = tmp_path / "trainer"
+    trainer = OnlineTrainer(SCHEMA, data)
+    try:
+        train_and_emit(trainer.model, trainer.writer, rng, 3)
+        trainer.publish()  # the base snapshot the rollback is planned from (in the object store)
+        train_and_emit(trainer.model, trainer.writer, rng, 2)
+        trainer.writer.append(DeltaRecord.dense(trainer.writer.next_seq, time.time(), trainer.model.dense_state()))
+        s = trainer.writer.next_seq - 1
+        at_s = model_state(trainer.model), dense_bytes(trainer.model.dense_state())
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)  # the poison, emitted ...
+        trainer.publish()  # ... and in the checkpoint
+        train_and_emit(trainer.model, trainer.writer, rng, 2, items=6000)
+        trainer.guard.guard.quarantine[777] = 10**9
+        trainer.guard.guard.holds = 3
+        write_control(data, rollback_to_seq=s)
+        trainer.guard.poll_control(trainer.model, trainer.writer, time.time(), monotonic_s=1.0)
+        assert trainer.guard.unconfirmed is not None, read_state(data)["last_action"]
+    finally:
+        trainer.close()  # gone: no publish, no checkpoint after the rollback
+    restarted = OnlineTrainer(SCHEMA, data)
+    try:
+        assert "reconciled" in restarted.start_message and "carried out again" in restarted.start_message
+        assert model_state(restarted.model) == at_s[0]
+        assert dense_bytes(restarted.model.dense_state()) == at_s[1]
+        assert restarted.guard.guard.quarantine.get(777) == 10**9 and restarted.guard.guard.holds == 3
+        rolled = read_state(data)["rows_rolled_back"]
+        restarted.publish()  # now durable
+    finally:
+        restarted.close()
+    replica = JetStreamStreams(tmp_path / "replica", bus(cluster, "replica", "r1"))
+    try:
+        rows, dense, _ = replica_state(replica)
+    finally:
+        replica.close()
+    assert rows == at_s[0] and dense_bytes(dense) == at_s[1]
+    again = OnlineTrainer(SCHEMA, data)
+    try:
+        assert "carried out again" not in again.start_message and "reconciled" not in again.start_message
+        assert again.guard.unconfirmed is None and again.guard.guard.rows_rolled_back == rolled
+    finally:
+        again.close()
+
+
+def test_a_restarted_trainer_reconciles_the_bus_to_its_checkpoint(cluster, tmp_path, monkeypatch):
+    """Records past the checkpoint (new rows, a dense record) undone on JetStream at restart: a replica that
+    joins from the bus holds the checkpoint's rows and dense weights. (The reconcile once stopped at the
+    JetStream reader's first empty read, before its messages arrived: it undid nothing.)"""
+    from trainer.online import OnlineTrainer
+
+    for key, value in bus(cluster, "trainer").to_env().items():
+        monkeypatch.setenv(key, value)
+    rng = np.random.default_rng(11)
+    data = tmp_path / "trainer"
+    trainer = OnlineTrainer(SCHEMA, data)
+    try:
+        train_and_emit(trainer.model, trainer.writer, rng, 3)
+        trainer.publish()
+        at_checkpoint = model_state(trainer.model), dense_bytes(trainer.model.dense_state())
+        train_and_emit(trainer.model, trainer.writer, rng, 3, items=6000)  # new rows too
+        trainer.writer.append(DeltaRecord.dense(trainer.writer.next_seq, time.time(), trainer.model.dense_state()))
+    finally:
+        trainer.close()  # gone before the next checkpoint
+    restarted = OnlineTrainer(SCHEMA, data)
+    try:
+        assert "reconciled 4 stream records" in restarted.start_message, restarted.start_message
+    finally:
+        restarted.close()
+    replica = JetStreamStreams(tmp_path / "replica", bus(cluster, "replica", "r1"))
+    try:
+        rows, dense, _ = replica_state(replica)
+    finally:
+        replica.close()
+    assert rows == at_checkpoint[0] and dense_bytes(dense) == at_checkpoint[1]
