@@ -20,7 +20,6 @@ verdict in progress, counters) is written with every change (Guard.to_state) and
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +89,11 @@ class TrainerGuard:
         # An appended rollback no checkpoint covers yet: {"to_seq", "end_seq"} (module docstring).
         self.unconfirmed: dict | None = done.get("unconfirmed_rollback")
         self.rollback_failures = int(done.get("rollback_failures", 0))
+        # The newest example time judged (saved with the state). A restarted trainer re-joins the logs from
+        # its checkpoint: what the guard judged before the restart is not judged again (it would fill the
+        # window with old scores of a model since trained further and pass for a drop in quality).
+        self.observed_until: float | None = done.get("observed_until")
+        self._judged_until = self.observed_until
         self.needs_checkpoint = False  # set by a rollback: the trainer checkpoints at once
         self.expiry_approved = False  # set by a resume of an expiry hold: the held pass runs, once
         self.last_action = "started"
@@ -131,9 +135,20 @@ class TrainerGuard:
         return approved
 
     def observe(self, model: TrainerModel, writer, scores, seqs, labels, sources, items, now: float,
-                weights=None) -> np.ndarray:
-        """Served scores of a micro-batch before training; acts on decisions; returns the mask to train on."""
-        for decision in self.guard.observe(scores, labels, seqs, sources, items, weights):
+                weights=None, times=None) -> np.ndarray:
+        """Served scores of a micro-batch before training (``times``: each example's time); acts on
+        decisions; returns the mask to train on. Examples at or before the newest time judged before a
+        restart are not judged again (an unjoined impression from then is skipped with them: judged
+        neither time)."""
+        columns = [np.asarray(a) for a in (scores, labels, seqs, sources, items)]
+        weights = np.ones(len(columns[1])) if weights is None else np.asarray(weights)
+        if times is not None and len(times):
+            times = np.asarray(times, np.float64)
+            if self._judged_until is not None:
+                new = times > self._judged_until
+                columns, weights = [c[new] for c in columns], weights[new]
+            self.observed_until = max(float(times.max()), self.observed_until or float("-inf"))
+        for decision in self.guard.observe(*columns, weights):
             self.last_action = f"{decision.action}: {decision.reason}"
             if decision.action == "rollback":
                 self._roll_back(model, writer, decision.to_seq, now, decided=True)
@@ -257,7 +272,8 @@ class TrainerGuard:
         status = self.guard.status()
         write_state(self.data_dir, {**status, "request": self.request, "rollback_request": self.rollback_request,
                                     "last_action": self.last_action, "unconfirmed_rollback": self.unconfirmed,
-                                    "rollback_failures": self.rollback_failures, "guard": self.guard.to_state()})
+                                    "rollback_failures": self.rollback_failures, "observed_until": self.observed_until,
+                                    "guard": self.guard.to_state()})
         g = self._gauges
         g["holds_total"].set(status["holds"])
         g["rollbacks_total"].set(status["rollbacks"])

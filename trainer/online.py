@@ -453,7 +453,8 @@ class OnlineTrainer:
             self._labels.append(labels[part])
             now = self.training_time(float(times[part].max()))
             keep = self.guard.observe(self.model, self.writer, served[part], seqs[part], labels[part],
-                                      user[part, 0], items[part, 0], now=now, weights=1.0 / rates[part])
+                                      user[part, 0], items[part, 0], now=now, weights=1.0 / rates[part],
+                                      times=times[part])
             if not keep.any():
                 continue
             self._losses.append(self.model.train_step(user[part][keep], items[part][keep], labels[part][keep],
