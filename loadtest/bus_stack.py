@@ -127,11 +127,10 @@ def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
     replica serves at S, stops them (each writes its own snapshot) and compares each replica's rows
     (FIDs and bytes) and dense weights with the trainer's snapshot. Returns {"final_seq",
     "trainer_rows", "replicas_identical", "per_replica": [{"replica", "delta_seq", "rows",
-    "fids_differ", "rows_differ", "dense_equal"}]}."""
-    import torch
-
+    "fids_differ", "rows_differ", "dense_equal"}]}; dense_equal: the same names, dtypes, shapes and bytes."""
     from server.client import RankerClient
     from server.streams.snapshots import load_latest_snapshot
+    from server.tensor_io import encode_tensors
 
     for process in stack.trainers:
         stack.stop_trainer(process)
@@ -151,8 +150,8 @@ def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
             "replica": server.data_dir.name, "delta_seq": served.delta_seq if served is not None else 0,
             "rows": len(actual), "fids_differ": len(actual.keys() ^ expected.keys()),
             "rows_differ": sum(actual.get(f) != v for f, v in expected.items()),
-            "dense_equal": served is not None and all(torch.equal(served.dense_state[k], v)
-                                                      for k, v in final.dense_state.items())})
+            "dense_equal": served is not None
+            and encode_tensors(served.dense_state) == encode_tensors(final.dense_state)})
     identical = all(r["delta_seq"] == final.delta_seq and r["fids_differ"] == r["rows_differ"] == 0
                     and r["dense_equal"] for r in per_replica)
     return {"final_seq": final.delta_seq, "trainer_rows": len(expected), "replicas_identical": identical,

@@ -56,7 +56,7 @@ _PARTS = ("keys", "rows", "stamps", "versions")
 
 
 def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: int) -> None:
-    from server.dense import build_dense
+    from server.dense import initial_dense_state
     from server.streams.snapshots import write_snapshot
     from server.table import EmbeddingTable
 
@@ -68,7 +68,7 @@ def _snapshot(data_dir: Path, schema: FeatureSchema, requests, rows: int, seed: 
     for start in range(0, fids.shape[0], 1 << 18):
         chunk = fids[start : start + (1 << 18)]
         table.upsert(chunk, rng.standard_normal((chunk.shape[0], schema.dim), dtype=np.float32) * 0.1, now=1.0)
-    write_snapshot(data_dir, table, build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0)
+    write_snapshot(data_dir, table, initial_dense_state(schema.num_fields, schema.dim, schema.dense), 0)
 
 
 def _model_stubs(triton_pid: int, model: str) -> list[int]:

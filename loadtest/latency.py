@@ -59,7 +59,7 @@ _NEW_FID_SHARE = 0.5
 def populate_snapshot(schema: FeatureSchema, requests, seed: int):
     """prepare(data_dir): a serving snapshot with a row for every requested FID and some more."""
     def prepare(data_dir: Path) -> None:
-        from server.dense import build_dense
+        from server.dense import initial_dense_state
         from server.streams.snapshots import write_snapshot
         from server.table import EmbeddingTable
 
@@ -69,7 +69,7 @@ def populate_snapshot(schema: FeatureSchema, requests, seed: int):
         fids = np.unique(np.concatenate([pool, extra]))
         table = EmbeddingTable(schema.dim, capacity=int(fids.shape[0] / 0.9))
         table.upsert(fids, rng.standard_normal((fids.shape[0], schema.dim), dtype=np.float32) * 0.1, now=time.time())
-        write_snapshot(data_dir, table, build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0)
+        write_snapshot(data_dir, table, initial_dense_state(schema.num_fields, schema.dim, schema.dense), 0)
     return prepare
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from server.client import RankerClient
-from server.dense import build_dense
+from server.dense import initial_dense_state
 from server.features import FeatureSchema
 from server.host.launcher import TritonServer
 from server.streams.snapshots import write_snapshot
@@ -52,8 +52,7 @@ def bench_recovery(schema: FeatureSchema, rows: int, seconds: float, rows_per_s:
         fids = np.unique(rng.integers(1, 2**62, rows, dtype=np.uint64))
         table = EmbeddingTable(schema.dim, capacity=int(len(fids) / 0.9))
         table.upsert(fids, rng.standard_normal((len(fids), schema.dim), dtype=np.float32), now=1.0)
-        dense = build_dense(schema.num_fields, schema.dim, schema.dense)
-        write_snapshot(data, table, dense.state_dict(), delta_seq=0)
+        write_snapshot(data, table, initial_dense_state(schema.num_fields, schema.dim, schema.dense), delta_seq=0)
         records = int(seconds * 10)
         per_record = max(1, int(rows_per_s / 10))
         print(f"[bench recovery] {records} delta records of {per_record} rows ({seconds:.0f} s at "

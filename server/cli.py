@@ -214,10 +214,10 @@ def add_commands(commands, bench) -> None:
     table.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     table.set_defaults(run=_run_bench_table)
     scoring = bench.add_parser(
-        "scoring", help="the ranker's serving forward vs numpy pooling + the torch DeepFM",
+        "scoring", help="the ranker's serving forward vs numpy pooling + the straightforward numpy DeepFM",
         description="Times server.runtime.scoring.DeepFMScorer (pooling, FM, DeepFM, sigmoid for R requests of N "
-        "candidates) against the same probabilities computed with numpy pooling and the torch module, one "
-        "thread each, in the same run (a few seconds).")
+        "candidates) against the same probabilities computed with numpy pooling and server.dense.deepfm_logits, "
+        "one thread each, in the same run (a few seconds).")
     scoring.add_argument("--requests", type=positive_int, default=1, help="requests per call R (default 1)")
     scoring.add_argument("--candidates", type=positive_int, default=100, help="candidates per request N (default 100)")
     scoring.add_argument("--calls", type=positive_int, default=200, help="calls per timed repeat (default 200)")

@@ -1,4 +1,4 @@
-"""A safe, checksummed byte format for named tensors (dense weights, no pickle).
+"""A safe, checksummed byte format for named numpy arrays (dense weights, no pickle).
 
     magic "MRTTENS1" | manifest_len u32 | manifest JSON | data | crc32 u32
 
@@ -16,18 +16,16 @@ import zlib
 from typing import Mapping
 
 import numpy as np
-import torch
 
 _MAGIC = b"MRTTENS1"
 _LEN = struct.Struct("<I")
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "bool"}
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> bytes:
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     manifest, chunks = [], []
     for name, value in tensors.items():
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        array = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if array.dtype.name not in _DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} not in {sorted(_DTYPES)}")
         manifest.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
@@ -37,7 +35,8 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> bytes:
     return body + _LEN.pack(zlib.crc32(body))
 
 
-def decode_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+def decode_tensors(blob: bytes) -> dict[str, np.ndarray]:
+    """Name -> a writable array of its own (a copy out of ``blob``), in the blob's order."""
     blob = memoryview(blob)
     if len(blob) < len(_MAGIC) + 2 * _LEN.size or bytes(blob[: len(_MAGIC)]) != _MAGIC:
         raise ValueError("tensor blob: bad magic or too short")
@@ -61,9 +60,14 @@ def decode_tensors(blob: bytes) -> dict[str, torch.Tensor]:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if at + nbytes > end:
             raise ValueError(f"tensor blob: tensor {entry['name']!r} runs past the data")
-        array = np.frombuffer(blob[at : at + nbytes], dtype=dtype).reshape(shape).copy()
-        out[entry["name"]] = torch.from_numpy(array)
+        out[entry["name"]] = np.frombuffer(blob[at : at + nbytes], dtype=dtype).reshape(shape).copy()
         at += nbytes
     if at != end:
         raise ValueError(f"tensor blob: {end - at} bytes left over after the last tensor")
     return out
+
+
+def nonfinite(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or Inf."""
+    return [name for name, value in tensors.items()
+            if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]

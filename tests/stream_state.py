@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from server.dense import build_dense
+from server.dense import initial_dense_state
 from server.features import shipped_schema
 from server.streams.deltas import DENSE
 from updater.tools import scan
@@ -11,9 +11,9 @@ SCHEMA = shipped_schema()
 
 
 def stream_state(deltas: Path, until_seq: int | None = None) -> tuple[dict[int, bytes], dict]:
-    """({fid: row bytes}, dense state_dict) after records 1..until_seq (all when None); the dense weights
+    """({fid: row bytes}, dense state) after records 1..until_seq (all when None); the dense weights
     start as the schema's seeded ones, as a server with no snapshot starts."""
-    rows, dense = {}, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict()
+    rows, dense = {}, initial_dense_state(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense)
     for _, _, _, record in scan(deltas):
         if until_seq is not None and record.seq > until_seq:
             break

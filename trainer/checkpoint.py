@@ -46,10 +46,10 @@ def save_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None, delta_
     """Writes a checkpoint at delta_seq (``counters``: running totals to carry
     over a restart) and keeps the newest ``keep``."""
     final = checkpoint_root(data_dir) / f"{int(delta_seq):020d}"
-    tensors = {f"dense.{k}": v for k, v in model.dense.state_dict().items()}
+    tensors = {f"dense.{k}": v for k, v in model.dense_state().items()}
     for index, state in model.optimizer.state_dict()["state"].items():
         for name, value in state.items():
-            tensors[f"adam.{index}.{name}"] = torch.as_tensor(value)
+            tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).detach().cpu().numpy()
     with atomic_directory(final) as tmp:
         model.table.save(tmp / "table.snap")
         (tmp / "dense.bin").write_bytes(encode_tensors(tensors))
@@ -97,7 +97,7 @@ def load_checkpoint(data_dir, model: TrainerModel, joiner: Joiner | None) -> dic
         for key, value in tensors.items():
             if key.startswith("adam."):
                 _, index, name = key.split(".", 2)
-                restored.setdefault(int(index), {})[name] = value
+                restored.setdefault(int(index), {})[name] = torch.from_numpy(value)
         optimizer_state["state"] = restored
         model.optimizer.load_state_dict(optimizer_state)
         model.steps = int(meta.get("steps", 0))

@@ -1,4 +1,4 @@
-"""The trainer's model: sparse rows in its own cuckoo table, dense weights in torch.
+"""The trainer's model: sparse rows in its own cuckoo table, dense weights in torch (trainer.dense).
 
 Shapes: B examples, W = Wu + Wi FID columns, U distinct FIDs in a batch, F
 fields, K embedding dim.
@@ -37,10 +37,10 @@ import time
 import numpy as np
 import torch
 
-from server.dense import build_dense
 from server.features import PAD_FID, SLOT_IDS, FeatureSchema, slot_of
 from server.table import EmbeddingTable
 from server.streams.deltas import DeltaRecord
+from trainer.dense import build_dense, numpy_state
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -201,5 +201,6 @@ class TrainerModel:
             out.upsert(fids, rows[:, : self.dim], now=stamps)
         return out
 
-    def dense_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.dense.state_dict().items()}
+    def dense_state(self) -> dict[str, np.ndarray]:
+        """The dense weights as a dense state (numpy, server.dense), for records and snapshots."""
+        return numpy_state(self.dense)

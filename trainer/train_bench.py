@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from server.features import FeatureSchema
-from server.dense import build_dense
+from trainer.dense import build_dense
 from trainer.data import load_dataset
 from trainer.model import TrainerModel, auc
 

@@ -9,8 +9,10 @@ updater wakes ten times a second; a reader that cannot wait is polled.
     sparse   rows upserted into the live table in chunks of ``chunk_rows``
              (one chunk holds the table's writer well under a millisecond),
              then evicted FIDs deleted; readers never block (see server.table.cuckoo)
-    dense    a new module built and loaded off the request path, then swapped
-             in with one reference assignment; a batch reads runtime.dense once
+    dense    the record's dense state checked against the network (names,
+             shapes, finite: server.dense.fit_dense_state) off the request
+             path, then swapped in with one reference assignment; a batch
+             reads runtime.dense once
 
 ``runtime.delta_seq`` moves to a record's seq only once that record is wholly
 applied, so a response stamped with seq S reflects every record up to S.
@@ -44,9 +46,8 @@ import time
 from typing import Callable
 
 import numpy as np
-import torch
 
-from server.dense import build_dense
+from server.dense import fit_dense_state
 from server.streams import LogCorruptError
 from server.table import EMPTY_KEY, EmbeddingTable
 from server.streams.deltas import DENSE, SPARSE, DeltaError, DeltaRecord
@@ -225,7 +226,7 @@ class DeltaApplier:
             log.error("delta updater: snapshot %s has dim %d, serving requires %d", snapshot.path,
                       snapshot.table.dim, runtime.table.dim)
             return False
-        dense = self._build_dense(snapshot.dense_state)
+        dense = self._fit_dense(snapshot.dense_state)
         if isinstance(dense, str):
             log.error("delta updater: snapshot %s: %s", snapshot.path, dense)
             return False
@@ -273,24 +274,20 @@ class DeltaApplier:
         return None
 
     def _apply_dense(self, record: DeltaRecord) -> str | None:
-        model = self._build_dense(record.dense_state)
-        if isinstance(model, str):
-            return f"delta {record.seq}: {model}"
-        self.runtime.dense = model
+        dense = self._fit_dense(record.dense_state)
+        if isinstance(dense, str):
+            return f"delta {record.seq}: {dense}"
+        self.runtime.dense = dense
         self.dense_swaps += 1
         return None
 
-    def _build_dense(self, state):
-        """The network with ``state`` loaded, or why it does not fit."""
+    def _fit_dense(self, state):
+        """``state`` as the network's weights (server.dense), or why it does not fit."""
         schema = self.runtime.schema
-        model = build_dense(schema.num_fields, schema.dim, schema.dense)
         try:
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, KeyError) as exc:
-            return f"dense state does not fit the network: {exc}"
-        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
-            return "dense state holds NaN or Inf"
-        return model.eval()
+            return fit_dense_state(state, schema.num_fields, schema.dim, schema.dense)
+        except ValueError as exc:
+            return str(exc)
 
     def _halt(self, reason: str, first: bool) -> None:
         """Counts a fault once (``first``), however often it is retried."""

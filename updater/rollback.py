@@ -58,8 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from server.dense import initial_dense_state
 from server.durable import fsync_path
 from server.features import FeatureSchema
 from server.streams.snapshots import list_snapshots, load_snapshot
@@ -91,7 +91,7 @@ class RestorePlan:
     fids: np.ndarray
     found: np.ndarray
     rows: np.ndarray
-    dense_state: dict[str, torch.Tensor] | None
+    dense_state: dict[str, np.ndarray] | None
 
     def records(self, next_seq: int, created_s: float | None = None,
                 rows_per_record: int = ROWS_PER_RECORD) -> list[DeltaRecord]:
@@ -234,10 +234,8 @@ def plan_rollback(history, to_seq: int, schema: FeatureSchema, extra_fids=()) ->
         rows = rows.copy()
         dense = snapshot.dense_state
     else:
-        from server.dense import build_dense
-
         rows, found = np.zeros((fids.shape[0], schema.dim), np.float32), np.zeros(fids.shape[0], np.bool_)
-        dense = build_dense(schema.num_fields, schema.dim, schema.dense).state_dict()
+        dense = initial_dense_state(schema.num_fields, schema.dim, schema.dense)
     for record in history.records(base, until_seq=to_seq):
         if record.kind == DENSE:
             dense = record.dense_state
@@ -250,7 +248,7 @@ def plan_rollback(history, to_seq: int, schema: FeatureSchema, extra_fids=()) ->
         found[at[hit]] = True
         found[np.isin(fids, record.evicted)] = False
     rows[~found] = 0.0
-    return RestorePlan(to_seq, last, fids, found, rows, {k: v.clone() for k, v in dense.items()})
+    return RestorePlan(to_seq, last, fids, found, rows, {k: v.copy() for k, v in dense.items()})
 
 
 def append_rollback(writer, plan: RestorePlan) -> list[int]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from server.benchmarks import progress
 from server.features import FeatureSchema
-from server.dense import build_dense
+from server.dense import initial_dense_state
 from server.streams import Streams
 from server.streams.deltas import DeltaRecord
 from server.streams.snapshots import write_snapshot
@@ -43,7 +43,7 @@ def _write(streams, data_dir: Path, schema: FeatureSchema, records: int, rows_pe
     ids = rng.integers(1, 2**63 - 1, pool, dtype=np.int64).view(np.uint64)
     writer = streams.open_delta_writer()
     table = EmbeddingTable(schema.dim)
-    dense = build_dense(schema.num_fields, schema.dim, schema.dense).state_dict()
+    dense = initial_dense_state(schema.num_fields, schema.dim, schema.dense)
     first = writer.next_seq
     base = s = None
     for k in range(records):

@@ -12,9 +12,10 @@ server.features).
 
 Concurrency: ``score`` runs on Triton's execute thread. The table's lookups
 are lock-free against its one writer, the updater thread (updater.applier)
-that tails the delta stream (<data_dir>/deltas, or JetStream: server.streams.open_streams); the dense module is replaced by one reference
-assignment, and ``score`` reads ``self.dense`` once per call, so a batch
-never mixes two dense versions.
+that tails the delta stream (<data_dir>/deltas, or JetStream: server.streams.open_streams); the dense
+weights (a dense state of numpy arrays, server.dense) are replaced by one
+reference assignment, and ``score`` reads ``self.dense`` once per call, so a
+batch never mixes two dense versions. Nothing on this path imports torch.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from typing import Callable, Mapping, Sequence
 import numba
 import numpy as np
 import threadpoolctl
-import torch
 
 from server.clock import FLAGS, TimeWindow
-from server.dense import build_dense
+from server.dense import fit_dense_state, initial_dense_state
 from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
 from server.runtime.scoring import DeepFMScorer
 from server.streams import FEATURES, BackgroundAppender, open_streams, segment_bytes_from_env
@@ -238,9 +238,9 @@ class RankerRuntime:
         """Sets table, dense, delta_seq, _snapshot_seq and startup_message
         from the newest snapshot (or empty)."""
         schema = self.schema
-        dense = build_dense(schema.num_fields, schema.dim, schema.dense)
         snapshot = load_latest_snapshot(self.data_dir)
         if snapshot is None:
+            dense = initial_dense_state(schema.num_fields, schema.dim, schema.dense)
             self.table = EmbeddingTable(schema.dim)
             self.delta_seq = 0
             self._snapshot_seq = 0
@@ -249,7 +249,7 @@ class RankerRuntime:
         else:
             if snapshot.table.dim != schema.dim:
                 raise ValueError(f"snapshot {snapshot.path} has dim {snapshot.table.dim}, schema requires {schema.dim}")
-            dense.load_state_dict(snapshot.dense_state)
+            dense = fit_dense_state(snapshot.dense_state, schema.num_fields, schema.dim, schema.dense)
             self.table = snapshot.table
             self.delta_seq = snapshot.delta_seq
             self._snapshot_seq = snapshot.delta_seq
@@ -316,7 +316,8 @@ class RankerRuntime:
         return time.perf_counter() - started
 
     def _scorer(self, dense) -> DeepFMScorer:
-        """The serving forward of ``dense``, built once per dense version, on the execute thread."""
+        """The serving forward of the dense state ``dense``, built once per dense version, on the execute
+        thread."""
         if dense is not self._scorer_of:
             self._scorer_fn, self._scorer_of = DeepFMScorer(dense, self.schema), dense
         return self._scorer_fn
@@ -339,15 +340,15 @@ class RankerRuntime:
         if snapshot and self.delta_seq > self._snapshot_seq and not any(
             p.name == f"{self.delta_seq:020d}" for p in list_snapshots(self.data_dir)
         ):
-            path = write_snapshot(self.data_dir, self.table, self.dense.state_dict(), self.delta_seq)
+            path = write_snapshot(self.data_dir, self.table, self.dense, self.delta_seq)
             log.info("wrote serving snapshot %s at delta_seq %d", path, self.delta_seq)
             return path
         return None
 
 
 def limit_compute_threads(value: str) -> int:
-    """Sets the thread pools of BLAS (numpy's matmuls) and torch in this process
-    to ``value`` threads (the model parameter "compute_threads").
+    """Sets the thread pool of BLAS (numpy's matmuls) in this process to
+    ``value`` threads (the model parameter "compute_threads").
 
     1 is right for serving: a request's matrices are small (100 x 48 @ 48 x 64),
     OpenBLAS splits products past 2^18 multiply-adds over its threads, and on a
@@ -357,7 +358,6 @@ def limit_compute_threads(value: str) -> int:
     threads = int(value) if value.isdigit() else 0
     if threads < 1:
         raise ValueError(f"parameter compute_threads requires an integer >= 1, got {value!r}")
-    torch.set_num_threads(threads)
     threadpoolctl.threadpool_limits(threads, user_api="blas")
     return threads
 

@@ -1,12 +1,12 @@
-"""``monolith-rt bench scoring``: the serving forward against the torch module it copies.
+"""``monolith-rt bench scoring``: the serving forward against the straightforward numpy forward.
 
 For R requests of N candidates in the shipped schema's layout (random rows,
 padding as real requests have it), per call, best of several repeats:
     scorer_us   server.runtime.scoring.DeepFMScorer (numba pass + two BLAS products)
-    torch_us    the same probabilities the straightforward way: pooling in
-                numpy, the user fields repeated per candidate, the torch
-                DeepFM (server.dense) under inference_mode, then a sigmoid
-    speedup     torch_us / scorer_us
+    reference_us  the same probabilities the straightforward way: pooling in
+                numpy, the user fields repeated per candidate, the DeepFM in
+                numpy (server.dense.deepfm_logits), then a sigmoid
+    speedup     reference_us / scorer_us
     scorer_2_blas_threads_us   the scorer with numpy's BLAS on two threads (OpenBLAS
                 splits products past 2^18 multiply-adds): why the stub pins one
 Both run on one thread (the ranker stub's setting, compute_threads 1), in
@@ -17,15 +17,13 @@ work does (with every core busy, BLAS threads wait for one).
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
 import threadpoolctl
-import torch
 
 from server.benchmarks import BusyCores
-from server.dense import build_dense
+from server.dense import deepfm_logits, initial_dense_state
 from server.features import PAD_FID, FeatureSchema
 from server.runtime.scoring import DeepFMScorer
 
@@ -46,18 +44,15 @@ def reference_pool(rows: np.ndarray, fids: np.ndarray, slots) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def reference_probs(module, schema: FeatureSchema, user_rows, user, item_rows, items, counts,
+def reference_probs(state, schema: FeatureSchema, user_rows, user, item_rows, items, counts,
                     dtype=np.float32) -> np.ndarray:
-    """The probabilities DeepFMScorer computes, the straightforward way (in ``dtype``;
-    float64 gives the exact reference the tests bound float32 error against)."""
+    """The probabilities DeepFMScorer computes from the dense state ``state``, the straightforward way
+    (in ``dtype``; float64 gives the exact reference the tests bound float32 error against)."""
     k = schema.dim
     user_fields = reference_pool(user_rows.reshape(*user.shape, k).astype(dtype), user, schema.user_slots)
     item_fields = reference_pool(item_rows.reshape(*items.shape, k).astype(dtype), items, schema.item_slots)
     fields = np.concatenate([np.repeat(user_fields, counts, axis=0), item_fields], axis=1).astype(dtype)
-    if dtype != np.float32:
-        module = copy.deepcopy(module).to(torch.float64)
-    with torch.inference_mode():
-        return torch.sigmoid(module(torch.from_numpy(fields))).numpy()
+    return np.exp(-np.logaddexp(0, -deepfm_logits(state, fields)))  # sigmoid, without overflow
 
 
 def _best_us(fn, calls: int) -> float:
@@ -74,7 +69,7 @@ def _best_us(fn, calls: int) -> float:
 def bench_scoring(schema: FeatureSchema, requests: int = 1, candidates: int = 100, calls: int = 200,
                   seed: int = 0, busy_cores: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    module = build_dense(schema.num_fields, schema.dim, schema.dense)
+    state = initial_dense_state(schema.num_fields, schema.dim, schema.dense)
     counts = np.full(requests, candidates, dtype=np.int64)
     user = rng.integers(1, 2**40, (requests, schema.user_width), dtype=np.uint64)
     items = rng.integers(1, 2**40, (requests * candidates, schema.item_width), dtype=np.uint64)
@@ -82,24 +77,20 @@ def bench_scoring(schema: FeatureSchema, requests: int = 1, candidates: int = 10
     items[rng.random(items.shape) < 0.5] = PAD_FID  # ... and half of all columns
     user_rows = (rng.standard_normal((user.size, schema.dim)) * 0.1).astype(np.float32)
     item_rows = (rng.standard_normal((items.size, schema.dim)) * 0.1).astype(np.float32)
-    scorer = DeepFMScorer(module, schema)
+    scorer = DeepFMScorer(state, schema)
     with BusyCores(busy_cores), threadpoolctl.threadpool_limits(1, user_api="blas"):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            got = scorer(user_rows, user, item_rows, items, counts)
-            expected = reference_probs(module, schema, user_rows, user, item_rows, items, counts)
-            scorer_us = _best_us(lambda: scorer(user_rows, user, item_rows, items, counts), calls)
-            with threadpoolctl.threadpool_limits(2, user_api="blas"):
-                scorer_2_us = _best_us(lambda: scorer(user_rows, user, item_rows, items, counts), calls)
-            torch_us = _best_us(lambda: reference_probs(module, schema, user_rows, user, item_rows, items, counts), calls)
-        finally:
-            torch.set_num_threads(threads)
+        got = scorer(user_rows, user, item_rows, items, counts)
+        expected = reference_probs(state, schema, user_rows, user, item_rows, items, counts)
+        scorer_us = _best_us(lambda: scorer(user_rows, user, item_rows, items, counts), calls)
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            scorer_2_us = _best_us(lambda: scorer(user_rows, user, item_rows, items, counts), calls)
+        reference_us = _best_us(lambda: reference_probs(state, schema, user_rows, user, item_rows, items, counts),
+                                calls)
     return {"requests": requests, "candidates": candidates, "calls": calls, "repeats": _REPEATS,
             "busy_cores": busy_cores,
             "scorer_us": round(scorer_us, 2), "scorer_2_blas_threads_us": round(scorer_2_us, 2),
-            "torch_us": round(torch_us, 2),
-            "speedup": round(torch_us / scorer_us, 2),
+            "reference_us": round(reference_us, 2),
+            "speedup": round(reference_us / scorer_us, 2),
             "max_abs_difference": float(np.abs(got - expected).max())}
 
 
@@ -108,5 +99,5 @@ def format_scoring_report(result: dict) -> str:
             f"{result['repeats']} x {result['calls']} calls, one thread, {result['busy_cores']} busy core(s)\n"
             f"  DeepFMScorer {result['scorer_us']:.1f} us per call "
             f"({result['scorer_2_blas_threads_us']:.1f} us with two BLAS threads)\n"
-            f"  baseline: numpy pooling + torch DeepFM {result['torch_us']:.1f} us per call\n"
+            f"  baseline: numpy pooling + numpy DeepFM {result['reference_us']:.1f} us per call\n"
             f"  speedup {result['speedup']:.2f}x (max |difference| {result['max_abs_difference']:.2e})")

@@ -30,7 +30,8 @@ Who does what:
       request path). A batch reads DELTA_SEQ, then DENSE_VERSION; if the
       version is newer than its dense module (the follower has not caught up)
       the batch loads it first, so a response stamped S always reflects the
-      dense weights of every record up to S.
+      dense weights of every record up to S. The blob is the dense state's
+      server.tensor_io bytes; it decodes to numpy arrays, as the writer's.
     * close: the writer writes the serving snapshot; the last instance out
       (``members.lock`` taken exclusive) removes the directory.
 """
@@ -45,7 +46,7 @@ import os
 import threading
 from pathlib import Path
 
-from server.dense import build_dense
+from server.dense import fit_dense_state, initial_dense_state
 from server.procs import proc_stat
 from server.runtime.ranker import RankerRuntime
 from server.table.cuckoo import SLOTS
@@ -152,12 +153,13 @@ class SharedRankerRuntime(RankerRuntime):
         user = table.user
         user[SERVER_PID] = self._server_pid
         if snapshot is None:
-            dense_state, seq = build_dense(schema.num_fields, schema.dim, schema.dense).state_dict(), 0
+            dense_state, seq = initial_dense_state(schema.num_fields, schema.dim, schema.dense), 0
             self._created_from = (f"no snapshot in {self.data_dir / 'snapshots'}: empty table, dense weights "
                                   f"initialised from seed {schema.dense.get('seed', 0)}")
         else:
             _replace_rows(table, snapshot.table)
-            dense_state, seq = snapshot.dense_state, snapshot.delta_seq
+            dense_state = fit_dense_state(snapshot.dense_state, schema.num_fields, schema.dim, schema.dense)
+            seq = snapshot.delta_seq
             self._created_from = f"from snapshot {snapshot.path}"
         table.publish_blob(DENSE_BLOB, 1, encode_tensors(dense_state))
         user[DENSE_VERSION] = 1
@@ -189,25 +191,22 @@ class SharedRankerRuntime(RankerRuntime):
         return self._dense
 
     @dense.setter
-    def dense(self, module) -> None:
+    def dense(self, state) -> None:
         """Writer: publishes the weights (blob, then version), then serves them."""
         with self._dense_lock:
             version = int(self._user[DENSE_VERSION]) + 1
-            self._shared.publish_blob(DENSE_BLOB, version, encode_tensors(module.state_dict()))
+            self._shared.publish_blob(DENSE_BLOB, version, encode_tensors(state))
             self._user[DENSE_VERSION] = version
-            self._dense, self._dense_version = module, version
+            self._dense, self._dense_version = state, version
 
     def _load_dense(self):
-        """The dense module of the newest published version (loaded if newer than ours)."""
+        """The dense state of the newest published version (loaded if newer than ours)."""
         with self._dense_lock:
             while (version := int(self._user[DENSE_VERSION])) != self._dense_version:
                 blob = self._shared.read_blob(DENSE_BLOB, version)
                 if blob is None:
                     continue  # a newer version replaced it meanwhile
-                schema = self.schema
-                module = build_dense(schema.num_fields, schema.dim, schema.dense)
-                module.load_state_dict(decode_tensors(blob))
-                self._dense, self._dense_version = module.eval(), version
+                self._dense, self._dense_version = decode_tensors(blob), version
             return self._dense
 
     def _serving_state(self):
@@ -259,7 +258,7 @@ class SharedRankerRuntime(RankerRuntime):
             if snapshot and table.is_writer and seq > self._snapshot_seq and not any(
                 p.name == f"{seq:020d}" for p in list_snapshots(self.data_dir)
             ):
-                written = write_snapshot(self.data_dir, table, self._dense.state_dict(), seq)
+                written = write_snapshot(self.data_dir, table, self._dense, seq)
                 log.info("wrote serving snapshot %s at delta_seq %d", written, seq)
             table.close()
             if self._members.acquire(blocking=False):  # the last instance of this server

@@ -7,7 +7,7 @@ the same state as applying it once.
     header  "<4sHBBqdIII"  magic "MRTD" | format u16 | kind u8 | table_id u8
                            | seq i64 | created_s f64 | dim u32 | rows u32 | evicted u32
     sparse  fids uint64[rows] | values float32[rows, dim] | evicted uint64[evicted]
-    dense   a server.tensor_io blob of the whole dense state_dict (dim = rows = evicted = 0)
+    dense   a server.tensor_io blob of the whole dense state (server.dense; dim = rows = evicted = 0)
     trailer CRC-32 u32 over header and payload
 
 ``seq`` starts at 1 and grows by exactly 1 per record; a snapshot at seq S
@@ -21,9 +21,8 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from server.tensor_io import decode_tensors, encode_tensors
+from server.tensor_io import decode_tensors, encode_tensors, nonfinite
 
 MAGIC = b"MRTD"
 FORMAT_VERSION = 1
@@ -47,7 +46,7 @@ class DeltaRecord:
     fids: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
     values: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
     evicted: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
-    dense_state: dict[str, torch.Tensor] | None = None
+    dense_state: dict[str, np.ndarray] | None = None
 
     @classmethod
     def sparse(cls, seq: int, created_s: float, fids, values, evicted=(), table_id: int = 0) -> "DeltaRecord":
@@ -60,9 +59,10 @@ class DeltaRecord:
         return cls(seq, created_s, SPARSE, table_id, fids, values, np.ascontiguousarray(evicted, dtype=np.uint64))
 
     @classmethod
-    def dense(cls, seq: int, created_s: float, state: dict[str, torch.Tensor]) -> "DeltaRecord":
-        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
-            raise ValueError("dense state requires finite numbers, got NaN/Inf")
+    def dense(cls, seq: int, created_s: float, state: dict[str, np.ndarray]) -> "DeltaRecord":
+        bad = nonfinite(state)
+        if bad:
+            raise ValueError(f"dense state requires finite numbers, got NaN/Inf in {bad}")
         return cls(seq, created_s, DENSE, dense_state=dict(state))
 
     @property

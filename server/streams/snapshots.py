@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from server.durable import fsync_path
 from server.table import EmbeddingTable, SnapshotError
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Snapshot:
     table: EmbeddingTable
-    dense_state: dict[str, torch.Tensor]
+    dense_state: dict[str, np.ndarray]
     delta_seq: int
     path: Path
 

@@ -5,10 +5,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from server.client import RankerClient
-from server.dense import build_dense
+from server.dense import initial_dense_state
+from server.tensor_io import encode_tensors
 from server.features import PAD_FID, shipped_schema
 from server.host.launcher import TritonServer
 from server.streams import SegmentLogWriter
@@ -53,8 +53,8 @@ def test_sparse_then_dense_deltas_change_scores_without_reload(server, tmp_path)
         assert seq == 1 and not np.allclose(sparse_scores, before)
         assert np.ptp(sparse_scores) > 0  # candidates now differ from each other
 
-        dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 7})
-        deltas.append(DeltaRecord.dense(2, time.time(), dense.state_dict()))
+        dense = initial_dense_state(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 7})
+        deltas.append(DeltaRecord.dense(2, time.time(), dense))
         dense_scores, seq = wait_for_seq(client, USER, ITEMS, 2)
         assert seq == 2 and not np.allclose(dense_scores, sparse_scores)
 
@@ -66,8 +66,7 @@ def test_sparse_then_dense_deltas_change_scores_without_reload(server, tmp_path)
     # Clean shutdown saved the serving state at seq 2: it matches what was sent.
     snapshot = load_latest_snapshot(server.data_dir)
     assert snapshot.delta_seq == 2
-    for name, tensor in dense.state_dict().items():
-        assert torch.equal(snapshot.dense_state[name], tensor)
+    assert encode_tensors(snapshot.dense_state) == encode_tensors(dense)  # names, shapes and bytes
 
 
 def test_kill_9_while_streaming_then_catch_up_exactly(tmp_path):
@@ -125,7 +124,7 @@ def test_corrupt_delta_is_refused_and_serving_continues(server):
         # A snapshot past the bad record heals it: loaded in place, serving goes on from there.
         table = EmbeddingTable(SCHEMA.dim)
         table.upsert(USER[:1], np.full((1, SCHEMA.dim), 0.25, np.float32), now=time.time())
-        write_snapshot(server.data_dir, table, build_dense(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense).state_dict(), 2)
+        write_snapshot(server.data_dir, table, initial_dense_state(SCHEMA.num_fields, SCHEMA.dim, SCHEMA.dense), 2)
         with SegmentLogWriter(server.data_dir / "deltas") as raw:
             raw.append(DeltaRecord.sparse(3, time.time(), USER[1:2], np.ones((1, SCHEMA.dim), np.float32)).encode())
         _, seq = wait_for_seq(client, USER, ITEMS, 3)

@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 from server.client import InferError, RankerClient
-from server.dense import build_dense
+from server.dense import initial_dense_state
 from server.features import fid, shipped_schema
 from server.host.launcher import TritonServer
 from server.runtime.ranker import RankerRuntime, RankRequest
@@ -213,8 +213,8 @@ def test_restart_loads_the_snapshot(tmp_path):
     fids = fids[fids != 0]
     table = EmbeddingTable(SCHEMA.dim)
     table.upsert(fids, rng.normal(0, 0.5, (len(fids), SCHEMA.dim)).astype(np.float32), now=1.0)
-    dense = build_dense(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 99})
-    write_snapshot(tmp_path / "data", table, dense.state_dict(), delta_seq=17)
+    dense = initial_dense_state(SCHEMA.num_fields, SCHEMA.dim, {**SCHEMA.dense, "seed": 99})
+    write_snapshot(tmp_path / "data", table, dense, delta_seq=17)
     local = tmp_path / "local"
     shutil.copytree(tmp_path / "data", local)
     runtime = RankerRuntime(SCHEMA, local, "local")

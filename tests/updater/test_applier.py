@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from server.features import shipped_schema
 from server.runtime.ranker import RankerRuntime
@@ -58,13 +57,15 @@ def test_applier_applies_in_order_and_refuses_what_does_not_fit(runtime):
     assert "gap" in applier.apply(DeltaRecord.sparse(3, 1.0, [13], row))
     assert "unknown table" in applier.apply(DeltaRecord.sparse(2, 1.0, [13], row, table_id=4))
     assert "dim 3" in applier.apply(DeltaRecord.sparse(2, 1.0, [13], np.ones((1, 3), np.float32)))
-    assert "does not fit" in applier.apply(DeltaRecord.dense(2, 1.0, {"nope": torch.zeros(1)}))
+    assert "does not fit" in applier.apply(DeltaRecord.dense(2, 1.0, {"nope": np.zeros(1, np.float32)}))
+    wrong_shape = {**runtime.dense, "bias": np.zeros(2, np.float32)}
+    assert "bias [2] vs [1]" in applier.apply(DeltaRecord.dense(2, 1.0, wrong_shape))
     assert runtime.delta_seq == 1
-    state = {k: torch.full_like(v, 0.01) for k, v in runtime.dense.state_dict().items()}
+    state = {k: np.full_like(v, 0.01) for k, v in runtime.dense.items()}
     old = runtime.dense
     assert applier.apply(DeltaRecord(2, 1.0, DENSE, dense_state=state)) is None
     assert runtime.dense is not old and runtime.delta_seq == 2
-    assert torch.equal(runtime.dense.state_dict()["bias"], state["bias"])
+    assert all(runtime.dense[k].tobytes() == v.tobytes() for k, v in state.items())
     assert applier.apply(DeltaRecord.sparse(3, 1.0, [], np.empty((0, SCHEMA.dim), np.float32), evicted=[11])) is None
     assert not runtime.table.contains(np.array([11], np.uint64))[0] and applier.rows_deleted == 1
 
@@ -90,7 +91,7 @@ def test_updater_behind_the_stream_heals_from_a_snapshot_and_resumes(runtime, tm
         writer.delete_before(6)
     snap_table = EmbeddingTable(SCHEMA.dim)
     snap_table.upsert(np.array([100 + s for s in range(1, 8)], np.uint64), np.repeat(row(1.0), 7, axis=0), now=7.0)
-    write_snapshot(tmp_path, snap_table, runtime.dense.state_dict(), 7)
+    write_snapshot(tmp_path, snap_table, runtime.dense, 7)
     applier = healing_applier(runtime, deltas).start()
     try:
         wait_until(lambda: runtime.delta_seq == 10, f"stuck at {runtime.delta_seq}: {applier.halted_reason}")
@@ -128,7 +129,7 @@ def test_a_refused_record_leaves_no_row_behind(runtime):
                            values=np.ones((40, SCHEMA.dim), np.float32))
     assert "reserved" in applier.apply(reserved)
     assert len(runtime.table) == 0 and runtime.delta_seq == 0
-    bad_dense = {k: torch.full_like(v, float("inf")) for k, v in runtime.dense.state_dict().items()}
+    bad_dense = {k: np.full_like(v, np.inf) for k, v in runtime.dense.items()}
     assert "NaN or Inf" in applier.apply(DeltaRecord(1, 1.0, DENSE, dense_state=bad_dense))
     with pytest.raises(ValueError, match="finite"):  # the writing side refuses them too
         DeltaRecord.sparse(1, 1.0, fids, values)

@@ -74,7 +74,7 @@ class TritonPythonModel:
             self.m_rejected, self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts,
             self.m_reloads, self.m_bus_lag, self.m_bus_lag_s, self.m_bus_reconnects))
         self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
-        # The ~250k objects of torch, numba and the runtime never die: keep them out of the
+        # The long-lived objects of numba, numpy and the runtime never die: keep them out of the
         # collector's full passes, which would otherwise stall whichever request triggers one.
         gc.freeze()
 

@@ -3,7 +3,6 @@ any flipped byte or cut detected, order enforced, a corrupt record never returne
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,7 +23,9 @@ def records(draw):
                                   rng.standard_normal((n, dim), dtype=np.float32),
                                   rng.integers(0, 2**63, m, dtype=np.uint64), table_id=draw(st.integers(0, 3)))
     shapes = draw(st.lists(st.lists(st.integers(0, 4), max_size=3), max_size=4))
-    return DeltaRecord.dense(seq, created, {f"t{i}": torch.randn(tuple(s)) for i, s in enumerate(shapes)})
+    rng = np.random.default_rng(draw(st.integers(0, 1000)))
+    return DeltaRecord.dense(seq, created, {f"t{i}": rng.standard_normal(tuple(s), dtype=np.float32)
+                                            for i, s in enumerate(shapes)})
 
 
 def assert_same(a: DeltaRecord, b: DeltaRecord):
@@ -36,12 +37,35 @@ def assert_same(a: DeltaRecord, b: DeltaRecord):
     else:
         assert list(a.dense_state) == list(b.dense_state)
         for k in a.dense_state:
-            assert torch.equal(a.dense_state[k], b.dense_state[k])
+            x, y = a.dense_state[k], b.dense_state[k]
+            assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
 
 
 @given(record=records())
 def test_round_trip(record):
     assert_same(DeltaRecord.decode(record.encode()), record)
+
+
+# A dense record as the trainer wrote it while serving still held torch tensors (commit 13b33b2:
+# DeltaRecord.dense(7, 1700000000.5, {"mlp.0.weight": torch.arange(6.).reshape(2, 3) / 4,
+# "mlp.0.bias": torch.tensor([-1.5, 2.0]), "bias": torch.tensor([0.25])}).encode()).
+TORCH_ERA_DENSE_RECORD = bytes.fromhex(
+    "4d52544401000200070000000000000000002040fc54d9410000000000000000000000004d525454454e53319b000000"
+    "5b7b226e616d65223a226d6c702e302e776569676874222c226474797065223a22666c6f61743332222c227368617065"
+    "223a5b322c335d7d2c7b226e616d65223a226d6c702e302e62696173222c226474797065223a22666c6f61743332222c"
+    "227368617065223a5b325d7d2c7b226e616d65223a2262696173222c226474797065223a22666c6f61743332222c2273"
+    "68617065223a5b315d7d5d000000000000803e0000003f0000403f0000803f0000a03f0000c0bf000000400000803e70"
+    "0ca1100baba69d"
+)
+
+
+def test_a_dense_record_of_the_torch_era_decodes_to_the_same_numpy_bytes():
+    record = DeltaRecord.decode(TORCH_ERA_DENSE_RECORD)
+    expected = {"mlp.0.weight": np.arange(6, dtype=np.float32).reshape(2, 3) / 4,
+                "mlp.0.bias": np.array([-1.5, 2.0], np.float32), "bias": np.array([0.25], np.float32)}
+    assert (record.seq, record.created_s) == (7, 1700000000.5)
+    assert_same(record, DeltaRecord.dense(7, 1700000000.5, expected))
+    assert record.encode() == TORCH_ERA_DENSE_RECORD
 
 
 @given(record=records(), data=st.data())
