@@ -58,8 +58,9 @@ def test_sparse_then_dense_deltas_change_scores_without_reload(server, tmp_path)
         dense_scores, seq = wait_for_seq(client, USER, ITEMS, 2)
         assert seq == 2 and not np.allclose(dense_scores, sparse_scores)
 
-        stats = client.raw.get_inference_statistics("ranker", as_json=True)["model_stats"][0]
-        assert int(stats["inference_stats"]["success"]["count"]) >= 3
+        # Triton counts a request once its response is out: the last one may not be counted yet
+        wait_until(lambda: int(client.raw.get_inference_statistics("ranker", as_json=True)["model_stats"][0]
+                               ["inference_stats"]["success"]["count"]) >= 3, "3 successful requests counted")
     assert loads_in_log(server) == 1
     wait_metric(server, "monolith_delta_seq", 2)
     server.stop()
