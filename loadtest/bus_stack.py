@@ -53,6 +53,7 @@ class BusStack:
         data_dir = Path(data_dir or self.root / "trainer")
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
         log = open(data_dir / "logs" / "trainer.log", "ab")
+        log_offset = log.tell()  # a restart appends to the same log
         bus = self.bus("trainer")
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "train", "online", "--data-dir", str(data_dir), "--bus", bus.url,
@@ -60,7 +61,7 @@ class BusStack:
              "--window-s", str(window_s), "--negative-rate", str(negative_rate), *extra],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         log.close()
-        process.data_dir = data_dir
+        process.data_dir, process.log_offset = data_dir, log_offset
         self.trainers.append(process)
         return process
 
@@ -70,8 +71,10 @@ class BusStack:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"trainer exited with code {process.returncode}: {log.read_text()[-2000:]}")
-            if "online trainer on" in log.read_text():
-                return
+            with open(log, "rb") as f:
+                f.seek(process.log_offset)
+                if b"online trainer on" in f.read():
+                    return
             time.sleep(0.1)
         raise RuntimeError(f"trainer not up after {timeout_s} s: {log.read_text()[-2000:]}")
 

@@ -373,7 +373,8 @@ class Guard:
                             report=r.as_dict())
         self.false_alarms += 1
         return Decision("release", f"window AUC {r.auc:.4f} is back within the margin of the reference "
-                        f"{ref[0]:.4f}: released", report=r.as_dict())
+                        f"{ref[0]:.4f} ({with_them:.4f} with the {len(pending.sources)} suspect sources put back, "
+                        f"less than {c.auc_margin} apart: no poison shown): released", report=r.as_dict())
 
     def _quarantine(self, sources: np.ndarray, until: int) -> None:
         for source in sources.tolist():
