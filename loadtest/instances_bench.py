@@ -21,6 +21,10 @@ Memory, from /proc after the windows (every instance has served by then):
                                       the table (shared table only): what an instance costs
                                       beside the rows it reads (interpreter, numpy, numba, the
                                       runtime, its own heap)
+    stub_pss_minus_table_bytes        the same from Pss (smaps_rollup less the table's Pss): pages
+                                      shared with other processes (libraries such as numba's
+                                      LLVM, mapped by every stub) split among them, so N of them
+                                      add up to what N instances hold
     ready_s                           seconds from spawning ``monolith-rt serve`` until it
                                       prints its endpoints: every model of the repository is
                                       loaded (the ranker's stubs imported, the table
@@ -122,6 +126,13 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+def _pss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency: int, window_s: float,
              rounds: int, seed: int, shared_table: bool) -> dict:
     from server.host.instances import repository_with_instances
@@ -157,6 +168,7 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             private = [mapping_bytes(pid, str(directory)) for pid in stubs] if shared_table else None
             pss = [mapping_bytes(pid, str(directory), ("Pss",)) for pid in stubs] if shared_table else None
             rss = [_rss_bytes(pid) for pid in stubs]
+            stub_pss = [_pss_bytes(pid) for pid in stubs]
             table_rss = [mapping_bytes(pid, str(directory), ("Rss",)) for pid in stubs] if shared_table else None
     rps = counted["ranker"][0] / counted["ranker"][1]
     baseline_rps = counted["baseline"][0] / counted["baseline"][1]
@@ -167,6 +179,7 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             "table_private_bytes_by_instance": private, "table_pss_bytes_by_instance": pss,
             "stub_rss_bytes": rss,
             "stub_rss_minus_table_bytes": [r - t for r, t in zip(rss, table_rss)] if shared_table else None,
+            "stub_pss_minus_table_bytes": [s - t for s, t in zip(stub_pss, pss)] if shared_table else None,
             "ready_s": round(ready_s, 2), "cpu_us_per_request": cpu.per_request_us()}
 
 
@@ -199,7 +212,8 @@ def format_instances_report(result: dict) -> str:
                         f"(by instance: {[round(p / 2**20, 1) for p in row['table_private_bytes_by_instance']]})"
                         if table is not None else "private per instance (shared_table false)")
                      + f"; stub RSS MiB {[round(r / 2**20) for r in row['stub_rss_bytes']]}"
-                     + (f" ({[round(r / 2**20) for r in row['stub_rss_minus_table_bytes']]} without the table)"
+                     + (f" ({[round(r / 2**20) for r in row['stub_rss_minus_table_bytes']]} without the table, "
+                        f"Pss {[round(r / 2**20) for r in row['stub_pss_minus_table_bytes']]})"
                         if row["stub_rss_minus_table_bytes"] is not None else "")
                      + f"; ready {row['ready_s']:.2f} s after spawn")
         for model, split in row["cpu_us_per_request"].items():
