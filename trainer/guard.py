@@ -45,10 +45,15 @@ Poison or drift. Bad feedback comes from somewhere: a bot, a client that
 inverts labels. Real drift comes from everywhere: many users change their
 taste for some items. So the verdict, one block after the hold:
 
-    poison     concentrated suspects, and the window without them scores an
-               AUC at least auc_margin above the same window with them (they
-               hurt; a heavy but honest user whose taste the model misses
-               does not)
+    poison     concentrated suspects, and either the window without them
+               scores an AUC at least auc_margin above the same window with
+               them (they hurt; a heavy but honest user whose taste the model
+               misses does not), or their own examples rank inverted: AUC
+               below 0.5 by more than max(auc_margin, inverted_z * se). Live,
+               an inverting client's examples are mostly explicit negatives
+               among sampled ones, so they raise the pooled AUC while their
+               own ranking runs against everyone else's (``loadtest guard``:
+               0.72 with them, 0.70 without, 0.40 to 0.45 within them)
     drift      otherwise, while the window is still degraded: the damage
                follows items across sources
 
@@ -103,6 +108,7 @@ class GuardConfig:
     source_share: float = 0.025
     max_held_blocks: int = 3
     min_excess_share: float = 0.25
+    inverted_z: float = 2.0
     min_group_examples: int = 8
     quarantine_examples: int = 20_000
     drift_cooldown_examples: int = 6_000
@@ -121,6 +127,14 @@ class Decision:
     reason: str
     to_seq: int | None = None
     report: dict = field(default_factory=dict)
+
+
+@dataclass
+class _OwnRanking:
+    auc: float
+    se: float
+    examples: int
+    inverted: bool
 
 
 @dataclass
@@ -325,6 +339,21 @@ class Guard:
         keep = self.keep(all_sources) | np.isin(all_sources, sources)
         return report(scores[keep], labels[keep], seqs[keep]).auc
 
+    def _own_ranking(self, sources: np.ndarray) -> "_OwnRanking":
+        """How the served scores rank the suspects' own examples in the window (those from before the
+        hold). Inverted: AUC below 0.5 by more than auc_margin and inverted_z standard errors, with
+        min_class examples of each label. Their labels then run against what every other source taught
+        the model, as an inverting client's do; a heavy honest user whose taste the model misses ranks
+        near 0.5. (Their pooled effect says nothing here: mostly explicit negatives with low scores,
+        they raise the window's AUC while their own ranking is inverted.)"""
+        scores, labels, seqs, all_sources, _, _ = self.monitor.arrays()
+        mine = np.isin(all_sources, sources)
+        r = report(scores[mine], labels[mine], seqs[mine])
+        c = self.config
+        enough = min(r.positives, r.examples - r.positives) >= c.min_class
+        inverted = enough and 0.5 - r.auc > max(c.auc_margin, c.inverted_z * r.auc_se)
+        return _OwnRanking(r.auc, r.auc_se, r.examples, bool(inverted))
+
     def _remember_good(self, r: WindowReport, window) -> None:
         loss = log_losses(window[1], window[0])  # unweighted, as the per-group z-tests use it
         self._reference.append((r.auc, float(loss.mean()), float(loss.std())))
@@ -349,16 +378,19 @@ class Guard:
             return None
         self._pending, self._held_blocks = None, 0
         with_them = self._auc_with(pending.sources)
+        own = self._own_ranking(pending.sources)
         improved = r.auc - with_them >= c.auc_margin
-        if len(pending.sources) and improved and pending.source_share >= max(pending.item_share, c.min_excess_share):
+        if len(pending.sources) and (improved or own.inverted) \
+                and pending.source_share >= max(pending.item_share, c.min_excess_share):
             self.rollbacks += 1
             self._incident_until = self.examples + c.quarantine_examples
             self.monitor.clear()
             to_seq = self.good_seq if self._pending_first_seq is None else min(self.good_seq, self._pending_first_seq)
             self.rollback_to = to_seq  # the hold stays until the owner reports the rollback applied
             return Decision("rollback", f"confirmed: without {len(pending.sources)} quarantined sources the window AUC "
-                            f"is {r.auc:.4f} ({with_them:.4f} with them, reference {ref[0]:.4f}); the damage "
-                            f"follows sources (share "
+                            f"is {r.auc:.4f} ({with_them:.4f} with them, reference {ref[0]:.4f}); their own "
+                            f"examples rank at AUC {own.auc:.4f} (se {own.se:.4f}, {own.examples} examples)"
+                            f"{', inverted' if own.inverted else ''}; the damage follows sources (share "
                             f"{pending.source_share:.2f} vs items {pending.item_share:.2f}): rolling back to seq "
                             f"{to_seq}", to_seq=to_seq, report=r.as_dict())
         self.state = OPEN

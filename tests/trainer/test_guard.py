@@ -92,6 +92,30 @@ def test_an_inverting_client_is_held_rolled_back_and_quarantined():
     assert guard.emitting and guard.rows_rolled_back == 10
 
 
+def test_an_inverting_client_whose_own_scores_the_model_lowered_is_rolled_back():
+    """Live, the model learns a per-source bias for an inverting client: its examples (mostly explicit
+    negatives) are served low, so putting them back raises the window's AUC and the pooled test sees no
+    harm; their own ranking is inverted (loadtest guard: held 4 and 5 times, released each time, before
+    the verdict looked at it)."""
+    guard, stream = Guard(), Stream(4)
+    replay(guard, stream, 20)
+
+    def learned_bias(batch):
+        served, labels, seqs, sources, items = batch
+        bad = sources >= 1_000_000
+        logit = np.log(served[bad] / (1 - served[bad]))
+        served[bad] = 1 / (1 + np.exp(-(logit - 3.0)))  # served low, their order among themselves kept
+        return served, labels, seqs, sources, items
+
+    decisions = []
+    for _ in range(12):
+        decisions += guard.observe(*learned_bias(stream.batch(bad_sources=3, bad_share=0.3)))
+    actions = [d.action for d in decisions]
+    assert actions[0] == "hold" and "rollback" in actions, decisions
+    assert "inverted" in decisions[actions.index("rollback")].reason
+    assert "release" not in actions[: actions.index("rollback")]
+
+
 def test_a_change_in_taste_the_model_learns_is_let_through():
     guard, stream = Guard(), Stream(2)
     replay(guard, stream, 20)
