@@ -28,17 +28,20 @@
 Reported: ``rollbacks`` (the guard's count, kept across restarts),
 ``held_s`` (from the first hold seen to the rollback appended),
 ``poison_rows_served_after_rollback`` (rows of FIDs that only the poisoning
-sources ever sent, i.e. trained only on the poison, that any replica serves
-at the end: the poison stops before then and its sources stay quarantined,
-so one such row means the rollback let poison through; null without a
-rollback, ``poison_rows_served_at_end`` counts them either way), beside
-``poison_rows_emitted_before_hold`` (the same FIDs in the records the
-trainer emitted before the guard held: what the rollback had to undo);
-``dense_restored`` (the rollback's dense record equals the dense weights at
-its target seq, rebuilt here from the bus's snapshot and records, byte for
-byte, and every replica served at or past that record within
-``timeout_s``); ``replicas_identical``; ``trainer_restarts``;
-``failed_requests`` (ranking and feedback calls that failed).
+sources ever sent, i.e. trained only on the poison, in the stream's state
+at the rollback's last record: what every replica serves once it applied
+the rollback, which each is checked to have done; must be 0),
+``poison_rows_served_at_end`` (the same FIDs in the replicas' final
+tables, summed: a poisoning source the guard did not judge poison, or
+whose quarantine ended, is trained on again after the rollback), beside
+``poison_rows_emitted_before_hold`` (those of the FIDs that the records
+before the rollback wrote: what it had to undo);
+``dense_restored`` (the rollback's dense record equals, byte for byte, the
+newest dense record at or before its target seq, as a follower of the
+stream read them from the start while they were retained; and every
+replica served at or past the rollback within ``timeout_s``);
+``replicas_identical``; ``trainer_restarts``; ``failed_requests``
+(ranking and feedback calls that failed).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from server.features import FeatureSchema
 from server.streams.deltas import DENSE
 from trainer.data import Examples, load_dataset
 from trainer.guard_experiment import poison_scenario
-from updater.rollback import BusHistory, read_state
+from updater.rollback import read_state
 
 _ROLLBACK_LINE = re.compile(r"rollback to seq (\d+) \(stream at (\d+)\).*appended up to seq (\d+)")
 _POLL_S = 0.05
@@ -110,8 +113,9 @@ def run_guard_loadtest(schema: FeatureSchema, replicas: int = 2, tail: int = 24_
                             extra=("--dense-interval-s", str(dense_interval_s),
                                    "--snapshot-interval-s", str(snapshot_interval_s)))
         bus.wait_trainer_ready(bus.start_trainer(**trainer_args))
-        run_seq = batch["delta_seq"]
 
+        observer = _StreamObserver(bus, poison_fids)
+        observer.start()
         watch = _Watch()
         done = threading.Event()
         watcher = threading.Thread(target=_watch_guard, args=(bus, trainer_args, watch, done, started,
@@ -134,9 +138,9 @@ def run_guard_loadtest(schema: FeatureSchema, replicas: int = 2, tail: int = 24_
             watcher.join()
         settled = _settled(root / "trainer", open_since)
         rollbacks = _rollbacks(root / "trainer")
-        checks = _check_rollback(bus, rollbacks, timeout_s) if rollbacks else {"dense_restored": False}
-        emitted_before_hold = _poison_rows_emitted(bus, run_seq, rollbacks[0]["to_seq"] if rollbacks else None,
-                                                   rollbacks[0]["last_seq"] if rollbacks else None, poison_fids)
+        observer.finish(max((r["end_seq"] for r in rollbacks), default=0), timeout_s)
+        checks = _check_rollback(bus, observer, rollbacks[0], timeout_s) if rollbacks else \
+            {"dense_restored": False, "poison_rows_emitted_before_hold": None}
         _say("quiescing: the trainer stops, the replicas catch up and are compared")
         compared = quiesce_and_compare(bus, timeout_s=timeout_s)
         state = read_state(root / "trainer") or {}
@@ -144,14 +148,12 @@ def run_guard_loadtest(schema: FeatureSchema, replicas: int = 2, tail: int = 24_
     return {
         "replicas": replicas, "tail_ratings": tail, "poison_examples": int((~scenario.real).sum()),
         "batch": batch, "rollbacks": int(state.get("rollbacks", 0)), "holds": int(state.get("holds", 0)),
-        "rollback_targets": [r["to_seq"] for r in rollbacks],
+        "rollback_targets": [r["to_seq"] for r in rollbacks],  # one per append (a redo after a restart too)
         "held_s": None if watch.held_at is None or watch.rollback_at is None
         else round(watch.rollback_at - watch.held_at, 2),
         "poison_only_fids": int(poison_fids.shape[0]),
-        "poison_rows_emitted_before_hold": emitted_before_hold,
-        "poison_rows_served_after_rollback": served_poison if rollbacks else None,
-        "poison_rows_served_at_end": served_poison,
-        **checks,
+        "poison_rows_served_after_rollback": None, "poison_rows_served_at_end": served_poison,
+        **checks, "stream_observer_error": observer.error,
         "replicas_identical": compared["replicas_identical"], "final_seq": compared["final_seq"],
         "tables": compared["per_replica"],
         "trainer_restarts": len(watch.kills), "kills": watch.kills,
@@ -313,28 +315,63 @@ def _dense_bytes(state) -> dict:
     return {k: np.asarray(v).tobytes() for k, v in state.items()}
 
 
-def _dense_at(history: BusHistory, seq: int) -> dict:
-    """The dense weights at ``seq``: the newest base snapshot at or before it, then its dense records."""
-    base = max(s for s in history.span()[0] if s <= seq)
-    dense = _dense_bytes(history.load_base(base).dense_state) if base else None
-    for record in history.records(base, seq):
-        if record.kind == DENSE:
-            dense = _dense_bytes(record.dense_state)
-    return dense
+class _StreamObserver(threading.Thread):
+    """Follows the DELTAS stream from its start as a replica would, keeping what the checks need of
+    each record while it is retained (retention drops what the next snapshot covers): the dense
+    weights of every dense record, and the poison-only FIDs each sparse record wrote."""
+
+    def __init__(self, bus: BusStack, poison_fids: np.ndarray):
+        super().__init__(daemon=True)
+        self.bus, self.poison_fids = bus, poison_fids
+        self.dense: list[tuple[int, dict]] = []  # (seq, dense bytes)
+        self.poison_written: list[tuple[int, np.ndarray]] = []  # (seq, the poison-only FIDs it wrote)
+        self.live: set = set()  # poison-only FIDs with a row in the stream's state now
+        self.live_after: list[tuple[int, frozenset]] = []  # (seq, live) after every record that changed it
+        self.seq = 0
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        admin = self.bus.admin()
+        try:
+            reader = admin.open_delta_reader(0)
+            while not self.stop.is_set():
+                records = reader.read(max_records=256)
+                if not records:
+                    self.stop.wait(0.02)
+                    continue
+                for record in records:
+                    self.seq = record.seq
+                    if record.kind == DENSE:
+                        self.dense.append((record.seq, _dense_bytes(record.dense_state)))
+                    else:
+                        written = self.poison_fids[np.isin(self.poison_fids, record.fids)]
+                        gone = self.poison_fids[np.isin(self.poison_fids, record.evicted)]
+                        if written.shape[0]:
+                            self.poison_written.append((record.seq, written))
+                        if written.shape[0] or gone.shape[0]:
+                            self.live = (self.live | set(written.tolist())) - set(gone.tolist())
+                            self.live_after.append((record.seq, frozenset(self.live)))
+            reader.close()
+        except Exception as exc:  # reported in the result, the run goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            admin.close()
+
+    def finish(self, until_seq: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.seq < until_seq and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stop.set()
+        self.join()
 
 
-def _check_rollback(bus: BusStack, rollbacks: list[dict], timeout_s: float) -> dict:
-    """The first rollback's dense record against the dense weights at its target, and how long each
-    replica took to serve at or past its last record."""
-    first = rollbacks[0]
-    admin = bus.admin()
-    try:
-        history = BusHistory(admin)
-        expected = _dense_at(history, first["to_seq"])
-        restored = [_dense_bytes(r.dense_state) for r in history.records(first["last_seq"], first["end_seq"])
-                    if r.kind == DENSE]
-    finally:
-        admin.close()
+def _check_rollback(bus: BusStack, observer: _StreamObserver, first: dict, timeout_s: float) -> dict:
+    """The first rollback's dense record against the dense weights at its target (the newest dense record
+    at or before it, as the observer read them), the poison-only rows emitted before it, and whether every
+    replica serves at or past its last record."""
+    expected = [d for seq, d in observer.dense if seq <= first["to_seq"]]
+    restored = [d for seq, d in observer.dense if first["last_seq"] < seq <= first["end_seq"]]
     applied = []
     for server in bus.servers:
         with RankerClient(server.grpc_url, "grpc") as client:
@@ -342,21 +379,13 @@ def _check_rollback(bus: BusStack, rollbacks: list[dict], timeout_s: float) -> d
             while served_seq(client) < first["end_seq"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             applied.append(served_seq(client) >= first["end_seq"])
-    return {"dense_restored": bool(restored) and restored[-1] == expected and all(applied),
-            "rollback_dense_records": len(restored), "replicas_applied_rollback": all(applied)}
-
-
-def _poison_rows_emitted(bus: BusStack, after_seq: int, to_seq, last_seq, poison_fids: np.ndarray) -> int | None:
-    """Poison-only FIDs written by the records after the batch snapshot up to the stream's end when the
-    rollback was planned: what reached the replicas before the guard held."""
-    if last_seq is None:
-        return None
-    admin = bus.admin()
-    try:
-        written = [r.fids for r in BusHistory(admin).records(after_seq, last_seq) if r.kind != DENSE]
-    finally:
-        admin.close()
-    return int(np.isin(poison_fids, np.concatenate(written)).sum()) if written else 0
+    return {"dense_restored": bool(expected and restored) and restored[-1] == expected[-1] and all(applied),
+            "rollback_dense_records": len(restored), "replicas_applied_rollback": all(applied),
+            "poison_rows_emitted_before_hold": len({int(f) for seq, fids in observer.poison_written
+                                                    if seq <= first["last_seq"] for f in fids}),
+            # the stream's state at the rollback's last record: what every replica serves once it applied it
+            "poison_rows_served_after_rollback": len(next((live for seq, live in reversed(observer.live_after)
+                                                           if seq <= first["end_seq"]), frozenset()))}
 
 
 def _poison_rows_served(bus: BusStack, poison_fids: np.ndarray) -> int:
