@@ -91,9 +91,11 @@ def add_commands(commands, bench) -> None:
         "0.5, 0.1 on MovieLens-100K and a synthetic stream of known click rates; mean served score, observed "
         "rate, their ratio and the ECE (10 bins) of held-out served scores per rate (JSON only). Sync windows "
         "are count-based (equal numbers of micro-batches), since ~90% of ML-1M's ratings fall in 2000.")
-    experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration", "guard"),
+    experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration", "guard", "row-dtype"),
                             help="which experiment (guard: the quality guard against poison and drift, trainer."
-                            "guard_experiment; --seeds 3 took 314 s here on 2 busy shared cores, --quick about 20 s)")
+                            "guard_experiment; --seeds 3 took 314 s here on 2 busy shared cores, --quick about 20 s; "
+                            "row-dtype: held-out AUC with the embedding rows as fp32, fp16 and int8 serving rows, "
+                            "bytes per row and a decoding gather's rate, trainer.row_dtype_experiment)")
     experiment.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
     experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants; guard: a tail of 24,000 (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")
@@ -217,6 +219,15 @@ def _run_experiment(args: argparse.Namespace) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "calibration.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         emit(result, args.json, lambda r: format_calibration(r) + f"\n  written: {args.out}/calibration.json")
+        return 0
+    if args.name == "row-dtype":
+        from trainer.row_dtype_experiment import format_row_dtype, run_row_dtype
+
+        result = run_row_dtype(schema(), args.seeds, args.quick, dataset=args.dataset)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        stem = experiments.output_stem(result)
+        (Path(args.out) / f"{stem}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        emit(result, args.json, lambda r: format_row_dtype(r) + f"\n  written: {args.out}/{stem}.json")
         return 0
     if args.name == "collisions":
         features = args.features or ("base" if args.dataset == "ml-100k" else "base,crossed")

@@ -110,12 +110,15 @@ def _slot_buckets(distinct: np.ndarray, scale: float) -> np.ndarray:
     return np.maximum(1, (counts * scale).astype(np.int64))
 
 
-def _model(schema: FeatureSchema, seed: int) -> TrainerModel:
+def seeded_model(schema: FeatureSchema, seed: int) -> TrainerModel:
+    """A fresh trainer model whose dense weights start from ``seed``."""
     seeded = FeatureSchema(schema.slots, {**schema.dense, "seed": seed})
     return TrainerModel(seeded)
 
 
-def _train(model: TrainerModel, ex: Examples, user: np.ndarray, items: np.ndarray, start: int, stop: int) -> None:
+def train_span(model: TrainerModel, ex: Examples, user: np.ndarray, items: np.ndarray, start: int,
+               stop: int) -> None:
+    """One time-ordered pass over examples [start, stop) in batches of 1024 (user/items: their FIDs)."""
     for s in range(start, stop, _BATCH):
         e = min(stop, s + _BATCH)
         model.train_step(user[s:e], items[s:e], ex.labels[s:e], now=float(ex.times[e - 1]))
@@ -159,7 +162,8 @@ def crossed_schema() -> FeatureSchema:
         raise ValueError(f"experiment schema {CROSSED_SCHEMA}: {exc}") from exc
 
 
-def _examples(schema: FeatureSchema, dataset: str, quick: bool, examples: Examples | None) -> Examples:
+def experiment_examples(schema: FeatureSchema, dataset: str, quick: bool, examples: Examples | None) -> Examples:
+    """``examples``, or the data set loaded; its first 20,000 with ``quick``."""
     ex = examples if examples is not None else load_dataset(dataset, schema)
     return ex.slice(0, _QUICK_EXAMPLES) if quick else ex
 
@@ -174,7 +178,7 @@ def run_collisions(schema: FeatureSchema, seeds: int, quick: bool, examples: Exa
             raise ValueError(f"features requires values of {FEATURE_SETS}, got {feature_set!r}")
         crossed = feature_set == "crossed"
         set_schema = crossed_schema() if crossed else schema
-        ex = _examples(set_schema, dataset, quick, None if crossed else examples)
+        ex = experiment_examples(set_schema, dataset, quick, None if crossed else examples)
         result = _collisions_one(set_schema, ex, seeds, "crossed/" if crossed else "")
         distinct_by_features[feature_set] = result["distinct_fids"]
         for row in result["rows"]:
@@ -201,8 +205,8 @@ def _collisions_one(schema: FeatureSchema, ex: Examples, seeds: int, prefix: str
                 hash_ = functools.partial(_hashed_by_slot, buckets=_slot_buckets(distinct, scale), salt=seed)
             user, items = hash_(ex.user_fids), hash_(ex.item_fids)
             rates.setdefault(name, []).append(collision_rates(distinct, hash_(distinct), schema))
-            model = _model(schema, seed)
-            _train(model, ex, user, items, 0, split)
+            model = seeded_model(schema, seed)
+            train_span(model, ex, user, items, 0, split)
             score = auc(ex.labels[split:], model.predict(user[split:], items[split:]))
             results.setdefault(name, []).append(score)
             print(f"[collisions] seed {seed}: {name:<22} AUC {score:.4f} collision rate "
@@ -235,7 +239,7 @@ class _Follower:
 
 def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: Examples | None = None,
                       dataset: str = "ml-100k") -> dict:
-    ex = _examples(schema, dataset, quick, examples)
+    ex = experiment_examples(schema, dataset, quick, examples)
     half = len(ex) // 2
     starts = list(range(half, len(ex), _ONLINE_BATCH))
     # Past 500 micro-batches (ML-1M: 5,000) a sync after every one is a row of its own.
@@ -244,21 +248,21 @@ def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: 
     work = Path(tempfile.mkdtemp(prefix="monolith-sync-"))
     try:
         for seed in range(seeds):
-            base = _model(schema, seed)
-            _train(base, ex, ex.user_fids, ex.item_fids, 0, half)
+            base = seeded_model(schema, seed)
+            train_span(base, ex, ex.user_fids, ex.item_fids, 0, half)
             save_checkpoint(work / f"seed{seed}", base, None, 0)
             tail_labels = ex.labels[half:]
             results.setdefault("batch-only", []).append(
                 auc(tail_labels, base.predict(ex.user_fids[half:], ex.item_fids[half:])))
             print(f"[sync-interval] seed {seed}: batch-only AUC {results['batch-only'][-1]:.4f}", file=sys.stderr,
                   flush=True)
-            trainer = _model(schema, seed)
+            trainer = seeded_model(schema, seed)
             load_checkpoint(work / f"seed{seed}", trainer, None)
             trainer.set_learning_rates(sparse=0.05, dense=1e-4)
             trainer.take_delta(0)
             followers = {}
             for k in counts:  # serving side: batch rows + batch dense, then a sync after every len/k batches
-                serving = _model(schema, seed)
+                serving = seeded_model(schema, seed)
                 load_checkpoint(work / f"seed{seed}", serving, None)
                 after = set(np.linspace(0, len(starts), k + 1).astype(int)[1:] - 1)
                 followers[k] = _Follower(serving, after)
@@ -268,7 +272,7 @@ def run_sync_interval(schema: FeatureSchema, seeds: int, quick: bool, examples: 
                 for follower in followers.values():
                     follower.served.append(follower.serving.predict(ex.user_fids[a:b], ex.item_fids[a:b]))
                 live.append(trainer.predict(ex.user_fids[a:b], ex.item_fids[a:b]))
-                _train(trainer, ex, ex.user_fids, ex.item_fids, a, b)
+                train_span(trainer, ex, ex.user_fids, ex.item_fids, a, b)
                 record = trainer.take_delta(index + 1)
                 for follower in followers.values():
                     if record is not None:

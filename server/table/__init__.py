@@ -5,6 +5,7 @@
     local.py     EmbeddingTable: the owner of one process's table (growth, admission, expiry, snapshots)
     shared.py    SharedEmbeddingTable: the same table in shared memory for every ranker process
                  of a host (its cross-process protocol in its docstring)
+    quantize.py  row types of a serving table: fp32, fp16, int8 with a per-row scale
     bench.py     `monolith-rt bench table`
 """
 

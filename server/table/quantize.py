@@ -1,0 +1,100 @@
+"""Row types of a serving table: fp32, fp16, or int8 with a per-row scale.
+
+The trainer keeps fp32 master rows; a serving table may store each row in a
+narrower row type, chosen per deployment. What serving reads is then the
+trainer's row *as quantized*, ``dequantize_rows(*quantize_rows(rows, t), t)``,
+and the byte-exact checks compare against that, never against the fp32 row.
+
+Layout of N rows of dim D per row type (what one row costs beside its key)::
+
+    fp32   values float32[N, D]                         4 D bytes
+    fp16   values float16[N, D]                         2 D bytes
+    int8   values int8[N, D]  + scales float32[N]       D + 4 bytes
+
+fp16 rounds to nearest (ties to even); a value beyond fp16's range
+(|x| > 65504) is refused rather than stored as inf. int8 is symmetric per
+row: ``scale = max|row| / 127`` (computed in float64, stored as float32; an
+all-zero row has scale 0) and ``q = round(x / scale)`` to nearest, ties to
+even, in [-127, 127]; ``x ~ q * scale``.
+
+Error bounds (tested as properties), per element:
+    fp16   |x' - x| <= 2**-11 |x|  for |x| >= 2**-14 (normal range), <= 2**-25 below it
+    int8   |x' - x| <= scale / 2   (plus float32 rounding of the product q * scale)
+    fp32   x' == x
+Quantizing is deterministic (same bytes for the same fp32 row on every host)
+and stable: quantizing a dequantized row gives back the same values.
+
+Non-finite values are refused: the trainer never emits them, so one here is
+a bug upstream, not something to round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["ROW_DTYPES", "bytes_per_row", "dequantize_rows", "quantize_rows", "quantized"]
+
+ROW_DTYPES = ("fp32", "fp16", "int8")
+_VALUE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+_FP16_MAX = float(np.finfo(np.float16).max)
+_INT8_MAX = 127
+
+
+def _check_row_dtype(row_dtype: str) -> None:
+    if row_dtype not in ROW_DTYPES:
+        raise ValueError(f"row dtype requires one of {ROW_DTYPES} (serve --row-dtype), got {row_dtype!r}")
+
+
+def bytes_per_row(dim: int, row_dtype: str) -> int:
+    """Bytes one row of ``dim`` values takes in ``row_dtype`` (values plus its scale for int8; no key)."""
+    _check_row_dtype(row_dtype)
+    scale = 4 if row_dtype == "int8" else 0
+    return dim * np.dtype(_VALUE_DTYPES[row_dtype]).itemsize + scale
+
+
+def quantize_rows(rows: np.ndarray, row_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """[N, D] float32 rows -> (values [N, D] of the row type, float32 scales [N] for int8 else None).
+
+    Raises ValueError on a non-finite value, or an fp16 value beyond +-65504, naming the first one."""
+    _check_row_dtype(row_dtype)
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"quantize_rows requires rows of shape [N, D], got shape {rows.shape}")
+    bad = ~np.isfinite(rows)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ValueError(f"quantize_rows requires finite values, got {rows[r, c]} at row {r}, column {c}")
+    if row_dtype == "fp32":
+        return rows.copy(), None
+    if row_dtype == "fp16":
+        over = np.abs(rows) > _FP16_MAX
+        if over.any():
+            r, c = np.argwhere(over)[0]
+            raise ValueError(f"fp16 rows require |value| <= {_FP16_MAX:g}, got {rows[r, c]} at row {r}, column {c}; "
+                             f"serve with --row-dtype int8 or fp32")
+        return rows.astype(np.float16), None
+    peak = np.abs(rows).max(axis=1, initial=0.0).astype(np.float64)
+    scales = (peak / _INT8_MAX).astype(np.float32)
+    # Among subnormals float32 rounding can leave peak / scale past 127.5, or scale 0 for a
+    # non-zero row: one step up keeps every |x| / scale <= 127, so the error bound holds there too.
+    low = (peak > 0) & ((scales == 0) | (peak > (_INT8_MAX + 0.5) * scales.astype(np.float64)))
+    scales[low] = np.nextafter(scales[low], np.float32(np.inf))
+    safe = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float64)
+    values = np.clip(np.rint(rows / safe[:, None]), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    return values, scales
+
+
+def dequantize_rows(values: np.ndarray, scales: np.ndarray | None, row_dtype: str) -> np.ndarray:
+    """The float32 rows that ``quantize_rows`` output stands for: [N, D] float32 (a new array)."""
+    _check_row_dtype(row_dtype)
+    if row_dtype == "int8":
+        if scales is None or scales.shape != values.shape[:1]:
+            raise ValueError(f"int8 rows require one scale per row ({values.shape[:1]}), got "
+                             f"{None if scales is None else scales.shape}")
+        return values.astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+    return values.astype(np.float32)
+
+
+def quantized(rows: np.ndarray, row_dtype: str) -> np.ndarray:
+    """The rows as a table of ``row_dtype`` serves them: quantized, then back to float32."""
+    return dequantize_rows(*quantize_rows(rows, row_dtype), row_dtype)
