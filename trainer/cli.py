@@ -93,7 +93,7 @@ def add_commands(commands, bench) -> None:
         "are count-based (equal numbers of micro-batches), since ~90% of ML-1M's ratings fall in 2000.")
     experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration", "guard", "row-dtype"),
                             help="which experiment (guard: the quality guard against poison and drift, trainer."
-                            "guard_experiment; --seeds 3 took 314 s here on 2 busy shared cores, --quick about 20 s; "
+                            "guard_experiment; --seeds 3 took 261 s here on 2 busy shared cores, --quick 130 s; "
                             "row-dtype: held-out AUC with the embedding rows as fp32, fp16 and int8 serving rows, "
                             "bytes per row and a decoding gather's rate, trainer.row_dtype_experiment)")
     experiment.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
