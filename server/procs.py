@@ -45,3 +45,22 @@ def processes():
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes in process group ``pgid``."""
     return [pid for pid, state, _, pgrp in processes() if pgrp == pgid and state != "Z"]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS); 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what new allocations can take without swapping (page cache included)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")

@@ -1,4 +1,4 @@
-"""``monolith-rt deltas inspect|verify|produce|hold|resume|rollback`` and ``bench apply|rollback``: the updater's commands."""
+"""``monolith-rt deltas inspect|verify|produce|hold|resume|rollback`` and ``bench apply|rollback|scale``: the updater's commands."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from server.cli import emit, key_values, positive_int, schema
+
+DEFAULT_SCALE_ROWS = (1_000_000, 4_000_000, 16_000_000, 64_000_000)
 
 
 def add_commands(commands, bench) -> None:
@@ -69,6 +71,37 @@ def add_commands(commands, bench) -> None:
     apply.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(run=_run_bench_apply)
+
+    scale = bench.add_parser(
+        "scale", help="the table's cost curve: lookup, insert, growth stalls, snapshots, recovery, bytes per row "
+        "at 1M..64M rows",
+        description="For each size N, on the table the ranker serves from (the shared table in /dev/shm, or "
+        "--private-table): inserts into a table presized for N and lookups in random order (M keys/s); "
+        "resident bytes per row; one doubling of the table (a copy of every row into a new generation) while "
+        "a reader thread, a reader process (shared table) and the delta applier keep going, with the longest "
+        "lookup and the longest apply it caused; snapshot write and cold load; recovery to ready (a new ranker "
+        "runtime on the data dir, until it answers a lookup). A size whose peak memory (both generations of a "
+        "doubling; a snapshot load's arrays plus its table) exceeds MemAvailable is skipped, saying so. "
+        "Progress on stderr; one JSON object with --json. 1M..64M took 21-25 minutes on a busy 2-core VM and needs "
+        "~17 GB free at 64M (~22 GB for the shared table's recovery, which holds a private table and the shared one).")
+    scale.add_argument("--rows", type=_sizes, default=list(DEFAULT_SCALE_ROWS),
+                       help="comma-separated table sizes N (default 1000000,4000000,16000000,64000000)")
+    scale.add_argument("--dim", type=positive_int, default=16, help="row length (default 16)")
+    scale.add_argument("--batch", type=positive_int, default=4096,
+                       help="FIDs per insert and per timed lookup call; readers during growth look up a quarter "
+                       "of it every ms (default 4096)")
+    scale.add_argument("--record-rows", type=positive_int, default=4096,
+                       help="rows per delta record applied during growth, half new FIDs (default 4096)")
+    scale.add_argument("--lookups", type=positive_int, default=1 << 21,
+                       help="FIDs looked up per timed pass (default 2097152)")
+    scale.add_argument("--private-table", action="store_true",
+                       help="one instance's private EmbeddingTable instead of the shared table")
+    scale.add_argument("--work-dir", default=None,
+                       help="where snapshots are written (default: the system temp directory; needs ~80 bytes "
+                       "per row)")
+    scale.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    scale.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    scale.set_defaults(run=_run_bench_scale)
 
     rollback_bench = bench.add_parser(
         "rollback", help="a rollback's cost per bus: rows changed since S, records replayed, plan and apply seconds",
@@ -142,6 +175,25 @@ def _run_bench_rollback(args: argparse.Namespace) -> int:
     buses = ["local", "nats"] if args.bus == "both" else [args.bus]
     emit(bench_rollback(schema(), buses, args.records, args.rows_per_record, args.pool, args.seed), args.json,
          key_values)
+    return 0
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"requires comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"requires sizes >= 1, got {text!r}")
+    return sizes
+
+
+def _run_bench_scale(args: argparse.Namespace) -> int:
+    from updater.scale_bench import ScaleConfig, bench_scale, format_scale_report
+
+    config = ScaleConfig(dim=args.dim, batch=args.batch, shared=not args.private_table, record_rows=args.record_rows,
+                         lookups=args.lookups, seed=args.seed)
+    emit(bench_scale(schema(), args.rows, config, args.work_dir), args.json, format_scale_report)
     return 0
 
 

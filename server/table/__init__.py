@@ -6,7 +6,8 @@
     shared.py    SharedEmbeddingTable: the same table in shared memory for every ranker process
                  of a host (its cross-process protocol in its docstring)
     quantize.py  row types of a serving table: fp32, fp16, int8 with a per-row scale
-    bench.py     `monolith-rt bench table`
+    table_bench.py  `monolith-rt bench table`
+    read_probe.py   ReadProbe: timed lookups on a live table from a thread or another process (`bench scale`)
 """
 
 from server.table.cuckoo import EMPTY_KEY
