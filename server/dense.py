@@ -10,9 +10,9 @@ FM is the factorisation machine's pairwise term, 0.5 * sum_k((sum_f v)^2 - sum_f
 first-order effects are left to the MLP, which sees every field's embedding.
 
 The weights are a *dense state*, name -> float32 array, in this order (the
-names of the torch ``state_dict`` of the trainer's module, trainer.dense, so
-records and snapshots written before serving dropped torch read back as
-they are):
+names and the order of the torch ``state_dict`` of the trainer's module,
+trainer.dense, so states encode to the same bytes on both sides and records
+and snapshots written before serving dropped torch read back as they are):
 
     bias [1]
     mlp.0.weight [H_1, F*K]   mlp.0.bias [H_1]      MLP layer 1 (odd indices are the ReLUs)
