@@ -241,7 +241,9 @@ def add_commands(commands, bench) -> None:
         description="For each --instances count, spawns monolith-rt serve with that many ranker instances over a "
         "snapshot of --rows rows and measures, in alternating closed-loop windows on tritonserver's own gRPC "
         "port, the ranker's req/s and the baseline model's (same tensors); then the table's bytes and, from "
-        "/proc/<pid>/smaps, the table bytes each ranker stub holds privately.")
+        "/proc/<pid>/smaps, the table bytes each ranker stub holds privately, each stub's RSS and Pss without the "
+        "table (stub_rss_minus_table_bytes, stub_pss_minus_table_bytes) and ready_s (spawn of serve until it is "
+        "ready).")
     instances.add_argument("--instances", default="1,2", help="comma-separated instance counts (default 1,2)")
     instances.add_argument("--rows", type=positive_int, default=2_000_000, help="table rows (default 2000000)")
     instances.add_argument("--candidates", type=positive_int, default=100, help="candidates per request (default 100)")
