@@ -70,6 +70,22 @@ def replica_state(streams: JetStreamStreams) -> tuple[dict[int, bytes], dict, in
     return state, dense, head
 
 
+def use_bus(monkeypatch, cluster: NatsCluster) -> None:
+    """Trainers made in this test (OnlineTrainer reads the environment) write to the cluster."""
+    for key, value in bus(cluster, "trainer").to_env().items():
+        monkeypatch.setenv(key, value)
+
+
+def joining_replica(cluster: NatsCluster, tmp_path) -> tuple[dict[int, bytes], dict]:
+    """Rows and dense weights of a replica that joins from the bus now."""
+    replica = JetStreamStreams(tmp_path / "replica", bus(cluster, "replica", "r1"))
+    try:
+        rows, dense, _ = replica_state(replica)
+    finally:
+        replica.close()
+    return rows, dense
+
+
 def _items(table):
     fids, rows = [], []
     for f, r, _ in table.items():
@@ -237,8 +253,7 @@ def test_a_rollback_killed_before_its_checkpoint_on_the_bus_is_carried_out_again
     from trainer.online import OnlineTrainer
     from updater.rollback import write_control
 
-    for key, value in bus(cluster, "trainer").to_env().items():
-        monkeypatch.setenv(key, value)
+    use_bus(monkeypatch, cluster)
     rng = np.random.default_rng(9)
     admin = JetStreamStreams(tmp_path / "admin", bus(cluster, "trainer"))
     admin.ensure_streams()
@@ -273,11 +288,7 @@ def test_a_rollback_killed_before_its_checkpoint_on_the_bus_is_carried_out_again
         restarted.publish()  # now durable
     finally:
         restarted.close()
-    replica = JetStreamStreams(tmp_path / "replica", bus(cluster, "replica", "r1"))
-    try:
-        rows, dense, _ = replica_state(replica)
-    finally:
-        replica.close()
+    rows, dense = joining_replica(cluster, tmp_path)
     assert rows == at_s[0] and dense_bytes(dense) == at_s[1]
     again = OnlineTrainer(SCHEMA, data)
     try:
@@ -293,8 +304,7 @@ def test_a_restarted_trainer_reconciles_the_bus_to_its_checkpoint(cluster, tmp_p
     JetStream reader's first empty read, before its messages arrived: it undid nothing.)"""
     from trainer.online import OnlineTrainer
 
-    for key, value in bus(cluster, "trainer").to_env().items():
-        monkeypatch.setenv(key, value)
+    use_bus(monkeypatch, cluster)
     rng = np.random.default_rng(11)
     data = tmp_path / "trainer"
     trainer = OnlineTrainer(SCHEMA, data)
@@ -311,9 +321,5 @@ def test_a_restarted_trainer_reconciles_the_bus_to_its_checkpoint(cluster, tmp_p
         assert "reconciled 4 stream records" in restarted.start_message, restarted.start_message
     finally:
         restarted.close()
-    replica = JetStreamStreams(tmp_path / "replica", bus(cluster, "replica", "r1"))
-    try:
-        rows, dense, _ = replica_state(replica)
-    finally:
-        replica.close()
+    rows, dense = joining_replica(cluster, tmp_path)
     assert rows == at_checkpoint[0] and dense_bytes(dense) == at_checkpoint[1]
