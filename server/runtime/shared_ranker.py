@@ -64,9 +64,10 @@ FOLLOW_INTERVAL_S = 0.05  # dense loads are rare; a batch that sees a newer vers
 
 
 def process_identity(pid: int) -> int | None:
-    """A 63-bit id of process ``pid`` (pid + start time: a reused pid differs), None if it is gone."""
+    """A 63-bit id of process ``pid`` (pid + start time: a reused pid differs), None if it is gone: exited,
+    or a zombie (dead, not yet reaped: a tritonserver killed with its ``serve`` stays one until init reaps it)."""
     fields = proc_stat(pid)
-    if fields is None:
+    if fields is None or fields[0] in ("Z", "X"):
         return None
     start_ticks = fields[19]
     digest = hashlib.sha256(f"{pid}:{start_ticks}".encode()).digest()

@@ -103,6 +103,31 @@ def test_leftover_of_a_dead_server_is_removed_and_a_live_one_refused(tmp_path, s
         fresh.close()
 
 
+def test_a_killed_server_that_is_not_yet_reaped_counts_as_gone(tmp_path, shm_root):
+    """A tritonserver killed together with its serve stays a zombie until init reaps it: its table is a
+    leftover, not a live server's (the restart of a killed replica was refused while it was one)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = process_identity(child.pid)  # the identity its table was created with, while it lived
+    child.kill()
+    wait_until(lambda: open(f"/proc/{child.pid}/stat").read().split(")")[-1].split()[0] == "Z", "a zombie")
+    try:
+        assert owner is not None and process_identity(child.pid) is None
+        data = tmp_path / "data"
+        data.mkdir()
+        leftover = SharedEmbeddingTable.create(shm_directory(data, shm_root), SCHEMA.dim, owner=owner)
+        leftover.user[SERVER_PID] = child.pid
+        leftover.mark_ready()
+        leftover.close()
+        fresh = runtime(data, shm_root, "a")
+        fresh.close()
+    finally:
+        child.wait()
+    assert process_identity(os.getpid()) is not None
+
+
 def test_the_writer_heals_from_a_snapshot_and_every_instance_serves_it(tmp_path, shm_root, rng):
     """Retention dropped deltas 1..5 past the served snapshot (seq 0): the
     writer halts, retries, loads the newest snapshot (seq 7) into shared
