@@ -36,8 +36,9 @@ class BusStack:
     def replica_env(self, replica: str) -> dict:
         return {**os.environ, "OMP_NUM_THREADS": "1", **self.bus("replica", replica).to_env()}
 
-    def start_replica(self, name: str) -> ServeProcess:
-        server = ServeProcess(self.root / name, env=self.replica_env(name)).start()
+    def start_replica(self, name: str, extra_args: tuple[str, ...] = ()) -> ServeProcess:
+        """``monolith-rt serve`` as replica ``name`` with ``extra_args`` (e.g. ``--row-dtype int8``)."""
+        server = ServeProcess(self.root / name, list(extra_args), env=self.replica_env(name)).start()
         self.servers.append(server)
         return server
 
@@ -128,11 +129,12 @@ def served_seq(client) -> int:
 def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
     """Stops the trainer (it emits its last records and a snapshot at seq S), waits until every
     replica serves at S, stops them (each writes its own snapshot) and compares each replica's rows
-    (FIDs and bytes) and dense weights with the trainer's snapshot. Returns {"final_seq",
+    (FIDs and bytes) and dense weights with the trainer's snapshot, its rows as quantized to the
+    replica's row type (``serve --row-dtype``; fp32: the same bytes). Returns {"final_seq",
     "trainer_rows", "replicas_identical", "per_replica": [{"replica", "delta_seq", "rows",
     "fids_differ", "rows_differ", "dense_equal"}]}; dense_equal: the same names, dtypes, shapes and bytes."""
     from server.client import RankerClient
-    from server.streams.snapshots import load_latest_snapshot
+    from server.streams.snapshots import load_latest_snapshot, load_snapshot
     from server.tensor_io import encode_tensors
 
     for process in stack.trainers:
@@ -144,11 +146,15 @@ def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
             while served_seq(client) < final.delta_seq and time.monotonic() < deadline:
                 time.sleep(0.1)
         server.stop()
-    expected = _rows(final)
+    trainer_rows = {final.table.row_dtype: _rows(final)}
     per_replica = []
     for server in stack.servers:
         served = load_latest_snapshot(server.data_dir)
         actual = _rows(served) if served is not None else {}
+        row_dtype = served.table.row_dtype if served is not None else final.table.row_dtype
+        if row_dtype not in trainer_rows:  # the trainer's rows as quantized to the replica's row type
+            trainer_rows[row_dtype] = _rows(load_snapshot(final.path, row_dtype))
+        expected = trainer_rows[row_dtype]
         per_replica.append({
             "replica": server.data_dir.name, "delta_seq": served.delta_seq if served is not None else 0,
             "rows": len(actual), "fids_differ": len(actual.keys() ^ expected.keys()),
@@ -157,7 +163,7 @@ def quiesce_and_compare(stack: BusStack, timeout_s: float = 60.0) -> dict:
             and encode_tensors(served.dense_state) == encode_tensors(final.dense_state)})
     identical = all(r["delta_seq"] == final.delta_seq and r["fids_differ"] == r["rows_differ"] == 0
                     and r["dense_equal"] for r in per_replica)
-    return {"final_seq": final.delta_seq, "trainer_rows": len(expected), "replicas_identical": identical,
+    return {"final_seq": final.delta_seq, "trainer_rows": len(final.table), "replicas_identical": identical,
             "per_replica": per_replica}
 
 

@@ -93,6 +93,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from server.clock import TimeWindow
+    from server.runtime.ranker import ROW_DTYPE_ENV
     from server.front import ApiKeyError, FrontLimits, api_key_file_from
     from server.host.launcher import DEFAULT_MODEL_REPOSITORY, DataDirInUse, TritonStartError
     from server.streams.bus import BusError
@@ -103,6 +104,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         configure_bus(args, "replica")  # the models find it in the environment
         os.environ.update(TimeWindow(args.max_time_ahead_s, args.max_time_behind_s).to_env())  # so does this
+        if args.row_dtype is not None:
+            os.environ[ROW_DTYPE_ENV] = args.row_dtype  # and this
         config = ServeConfig(
             data_dir=args.data_dir, model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY,
             host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -184,6 +187,11 @@ def add_commands(commands, bench) -> None:
     serve.add_argument("--max-time-behind-s", type=float, default=86400.0,
                        help="... and more than this far behind it (default 86400; inf: no limit, for replays of "
                        "recorded times such as the demo)")
+    serve.add_argument("--row-dtype", choices=("fp32", "fp16", "int8"), default=None,
+                       help="how the serving table stores embedding rows: fp32 (4 bytes a value), fp16 (2), or int8 "
+                       "with a per-row scale (1, plus 4 a row). The trainer keeps fp32 and serving reads its rows as "
+                       "quantized; `monolith-rt experiment row-dtype` measures the AUC each costs (default: the "
+                       "model's row_dtype parameter, fp32)")
     serve.add_argument("--grpc-direct", action="store_true",
                        help="expose tritonserver's own gRPC port instead of the gRPC front: about 0.5 ms faster per "
                        "request, for trusted callers only (Triton then accepts messages up to 2 GiB, and API keys "

@@ -50,6 +50,7 @@ import numpy as np
 from server.dense import fit_dense_state
 from server.streams import LogCorruptError
 from server.table import EMPTY_KEY, EmbeddingTable
+from server.table.quantize import FP16_MAX
 from server.streams.deltas import DENSE, SPARSE, DeltaError, DeltaRecord
 from server.streams.delta_log import DeltaReader
 
@@ -110,13 +111,14 @@ class DeltaApplier:
         the serving dim, so that numba compiles (or loads) the write path now, not on the first real delta:
         on empty caches that took 2-4 s, with the first click's row waiting. Returns the seconds."""
         started = time.perf_counter()
-        dim = self.runtime.table.dim
+        dim, row_dtype = self.runtime.table.dim, self.runtime.table.row_dtype
         fids = np.array([1, 2], np.uint64)
         # through its bytes: decoded arrays are read-only, and numba compiles those apart from writable ones
         record = DeltaRecord.decode(DeltaRecord.sparse(1, time.time(), fids, np.zeros((2, dim), np.float32),
                                                        fids[1:]).encode())
-        if sparse_fault(record) is None:
-            write_sparse(EmbeddingTable(dim), record.fids, record.values, record.evicted, record.created_s)
+        if sparse_fault(record, row_dtype) is None:
+            write_sparse(EmbeddingTable(dim, row_dtype=row_dtype), record.fids, record.values, record.evicted,
+                         record.created_s)
         return time.perf_counter() - started
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -265,7 +267,7 @@ class DeltaApplier:
             return f"delta {record.seq}: unknown table {record.table_id} (serving has table 0)"
         if record.fids.shape[0] and record.dim != table.dim:
             return f"delta {record.seq}: rows of dim {record.dim}, table requires {table.dim}"
-        reason = sparse_fault(record)
+        reason = sparse_fault(record, table.row_dtype)
         if reason is not None:
             return reason
         self.rows_deleted += write_sparse(table, record.fids, record.values, record.evicted, record.created_s,
@@ -311,8 +313,9 @@ def write_sparse(table, fids: np.ndarray, rows: np.ndarray, evicted: np.ndarray,
     return deleted
 
 
-def sparse_fault(record: DeltaRecord) -> str | None:
-    """Why a sparse record must not be applied (checked whole, before any row is written), or None."""
+def sparse_fault(record: DeltaRecord, row_dtype: str = "fp32") -> str | None:
+    """Why a sparse record must not be applied to a table of ``row_dtype`` (checked whole, before any
+    row is written), or None."""
     if np.any(record.fids == EMPTY_KEY) or np.any(record.evicted == EMPTY_KEY):
         return f"delta {record.seq}: holds the reserved FID 2**64-1"
     bad = ~np.isfinite(record.values).all(axis=1)
@@ -320,4 +323,11 @@ def sparse_fault(record: DeltaRecord) -> str | None:
         first = int(np.flatnonzero(bad)[0])
         return (f"delta {record.seq}: {int(bad.sum())} rows hold NaN or Inf (first: FID {int(record.fids[first])}); "
                 f"requires finite values")
+    if row_dtype == "fp16":
+        over = (np.abs(record.values) > FP16_MAX).any(axis=1)
+        if np.any(over):
+            first = int(np.flatnonzero(over)[0])
+            return (f"delta {record.seq}: {int(over.sum())} rows hold values beyond fp16's +-{FP16_MAX:g} (first: "
+                    f"FID {int(record.fids[first])}), which this fp16 table cannot store; serve with "
+                    f"--row-dtype int8 or fp32")
     return None

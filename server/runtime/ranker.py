@@ -41,6 +41,7 @@ from server.streams import FEATURES, BackgroundAppender, open_streams, segment_b
 from server.streams.records import FeatureRecord
 from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EMPTY_KEY, EmbeddingTable
+from server.table.quantize import ROW_DTYPES, storage_layout
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ IMPRESSION_ID_BYTES = 32  # 128 random bits as lowercase hex: server.runtime.ran
 FEATURE_LOG_QUEUE = 10_000
 FEATURE_LOG_SUBMIT_TIMEOUT_S = 0.05
 FEATURE_LOG_LINGER_S = 0.02  # one append run + fsync per 20 ms under load, not per batch
+ROW_DTYPE_ENV = "MONOLITH_ROW_DTYPE"  # monolith-rt serve --row-dtype; else the model parameter row_dtype
 EMPTY_KEY_U64 = np.uint64(EMPTY_KEY)
 SHIFT_U64 = np.uint64(SIGNATURE_BITS)
 PAD_U64 = np.uint64(PAD_FID)
@@ -215,9 +217,12 @@ class RankerRuntime:
     """Table + dense network + feature log of one ranker instance."""
 
     def __init__(self, schema: FeatureSchema, data_dir: str | Path, instance: str,
-                 make_applier: Callable[["RankerRuntime"], object] | None = None):
+                 make_applier: Callable[["RankerRuntime"], object] | None = None, row_dtype: str = "fp32"):
         """``make_applier``: runtime -> what applies the delta stream to it (updater.applier.DeltaApplier.following,
-        wired by the model adapter); None serves the snapshot alone (tests, benchmarks)."""
+        wired by the model adapter); None serves the snapshot alone (tests, benchmarks). ``row_dtype``: how the
+        table stores rows (fp32, fp16, int8: server.table.quantize); snapshots and deltas are converted to it."""
+        storage_layout(schema.dim, row_dtype)  # ValueError naming the choices
+        self.row_dtype = row_dtype
         self.schema = schema
         self.data_dir = Path(data_dir)
         self.streams = open_streams(self.data_dir)  # the bus: local files or JetStream
@@ -238,10 +243,10 @@ class RankerRuntime:
         """Sets table, dense, delta_seq, _snapshot_seq and startup_message
         from the newest snapshot (or empty)."""
         schema = self.schema
-        snapshot = load_latest_snapshot(self.data_dir)
+        snapshot = load_latest_snapshot(self.data_dir, self.row_dtype)
         if snapshot is None:
             dense = initial_dense_state(schema.num_fields, schema.dim, schema.dense)
-            self.table = EmbeddingTable(schema.dim)
+            self.table = EmbeddingTable(schema.dim, row_dtype=self.row_dtype)
             self.delta_seq = 0
             self._snapshot_seq = 0
             self.startup_message = (f"no snapshot in {self.data_dir / 'snapshots'}: starting with an empty table "
@@ -253,8 +258,8 @@ class RankerRuntime:
             self.table = snapshot.table
             self.delta_seq = snapshot.delta_seq
             self._snapshot_seq = snapshot.delta_seq
-            self.startup_message = (f"loaded snapshot {snapshot.path}: {len(self.table)} rows, "
-                                    f"delta_seq {self.delta_seq}")
+            self.startup_message = (f"loaded snapshot {snapshot.path}: {len(self.table)} rows "
+                                    f"({self.row_dtype}), delta_seq {self.delta_seq}")
         self.dense = dense
 
     def _fetch_snapshot(self) -> None:
@@ -268,7 +273,7 @@ class RankerRuntime:
     def newest_snapshot(self):
         """The newest snapshot, fetched from the bus first where there is one (the applier heals from it)."""
         self._fetch_snapshot()
-        return load_latest_snapshot(self.data_dir)
+        return load_latest_snapshot(self.data_dir, self.row_dtype)
 
     def _start_updater(self) -> None:
         self.updater.catch_up()  # before Triton calls us ready
@@ -344,6 +349,16 @@ class RankerRuntime:
             log.info("wrote serving snapshot %s at delta_seq %d", path, self.delta_seq)
             return path
         return None
+
+
+def row_dtype_from_settings(params: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> str:
+    """The serving table's row type: ``serve --row-dtype`` (the environment), else the model parameter
+    ``row_dtype``, else fp32. Raises ValueError naming the choices."""
+    value = environ.get(ROW_DTYPE_ENV) or params.get("row_dtype") or "fp32"
+    if value not in ROW_DTYPES:
+        raise ValueError(f"parameter row_dtype requires one of {', '.join(ROW_DTYPES)} "
+                         f"(monolith-rt serve --row-dtype), got {value!r}")
+    return value
 
 
 def limit_compute_threads(value: str) -> int:

@@ -86,13 +86,13 @@ class SharedRankerRuntime(RankerRuntime):
     tritonserver whose instances share it (default: this process's parent)."""
 
     def __init__(self, schema, data_dir, instance: str, make_applier=None, server_pid: int | None = None,
-                 shm_root: Path | None = None):
+                 shm_root: Path | None = None, row_dtype: str = "fp32"):
         self._server_pid = os.getppid() if server_pid is None else server_pid
         self._shm_root = shm_root
         self._stop = threading.Event()
         self._dense_lock = threading.Lock()
         self._follower = None
-        super().__init__(schema, data_dir, instance, make_applier)
+        super().__init__(schema, data_dir, instance, make_applier, row_dtype)
 
     # ------------------------------------------------------------------ setup
 
@@ -119,7 +119,8 @@ class SharedRankerRuntime(RankerRuntime):
         self._load_dense()
         self._snapshot_seq = int(self._user[SNAPSHOT_SEQ])
         role = "created" if created else "attached to"
-        self.startup_message = (f"{role} shared table {directory}: {len(table)} rows, delta_seq {self.delta_seq}, "
+        self.startup_message = (f"{role} shared table {directory}: {len(table)} rows ({table.row_dtype}), "
+                                f"delta_seq {self.delta_seq}, "
                                 f"writer: {'this instance' if table.is_writer else 'another instance'}"
                                 + (f" ({self._created_from})" if created else ""))
 
@@ -134,6 +135,10 @@ class SharedRankerRuntime(RankerRuntime):
             SharedEmbeddingTable.remove(directory)
             return None
         if table.owner == owner:
+            if table.row_dtype != self.row_dtype:
+                table.close()
+                raise RuntimeError(f"shared table {directory} stores {table.row_dtype} rows, this instance requires "
+                                   f"{self.row_dtype}: every instance of one server requires the same row_dtype")
             table.acquire_writer()
             return table
         other_pid = int(table.user[SERVER_PID])
@@ -147,10 +152,10 @@ class SharedRankerRuntime(RankerRuntime):
 
     def _create(self, directory: Path, owner: int) -> SharedEmbeddingTable:
         schema = self.schema
-        snapshot = load_latest_snapshot(self.data_dir)
+        snapshot = load_latest_snapshot(self.data_dir, self.row_dtype)
         if snapshot is not None and snapshot.table.dim != schema.dim:
             raise ValueError(f"snapshot {snapshot.path} has dim {snapshot.table.dim}, schema requires {schema.dim}")
-        table = SharedEmbeddingTable.create(directory, schema.dim, owner=owner)
+        table = SharedEmbeddingTable.create(directory, schema.dim, owner=owner, row_dtype=self.row_dtype)
         user = table.user
         user[SERVER_PID] = self._server_pid
         if snapshot is None:
@@ -271,7 +276,11 @@ class SharedRankerRuntime(RankerRuntime):
 
 
 def _replace_rows(table: SharedEmbeddingTable, other: EmbeddingTable) -> None:
-    """Writer: a new generation holding exactly the rows of ``other``, published in one step."""
+    """Writer: a new generation holding exactly the rows of ``other`` (of the same row type), published in one
+    step."""
+    if other.row_dtype != table.row_dtype:
+        raise ValueError(f"replacing the rows of a {table.row_dtype} shared table requires {table.row_dtype} rows, "
+                         f"got {other.row_dtype}")
     with table._write_lock:
         source = other._state
         new = table._rehashed(source, max(2, source.keys.shape[0] // SLOTS))

@@ -77,7 +77,8 @@ def write_snapshot(data_dir, table: EmbeddingTable, dense_state, delta_seq: int)
     with atomic_directory(final) as tmp:
         table.save(tmp / "table.snap")
         (tmp / "dense.bin").write_bytes(encode_tensors(dense_state))
-        meta = {"delta_seq": int(delta_seq), "created_s": time.time(), "rows": len(table), "dim": table.dim}
+        meta = {"delta_seq": int(delta_seq), "created_s": time.time(), "rows": len(table), "dim": table.dim,
+                "row_dtype": table.row_dtype}
         (tmp / "meta.json").write_text(json.dumps(meta))
     return final
 
@@ -95,20 +96,22 @@ def list_snapshots(data_dir) -> list[Path]:
     return complete_dirs(snapshot_root(data_dir))
 
 
-def load_latest_snapshot(data_dir) -> Snapshot | None:
-    """The newest snapshot that reads back cleanly, or None if there is none."""
+def load_latest_snapshot(data_dir, row_dtype: str | None = None) -> Snapshot | None:
+    """The newest snapshot that reads back cleanly, or None if there is none; its table in
+    ``row_dtype`` (server.table.quantize; default: as the snapshot stored it)."""
     for path in reversed(list_snapshots(data_dir)):
         try:
-            return load_snapshot(path)
+            return load_snapshot(path, row_dtype)
         except (OSError, ValueError, KeyError, SnapshotError) as exc:
             log.error("snapshot %s is unreadable (%s); trying an older one", path, exc)
     return None
 
 
-def load_snapshot(path: Path) -> Snapshot:
-    """One snapshot directory; raises OSError, ValueError, KeyError or SnapshotError when it does not read back."""
+def load_snapshot(path: Path, row_dtype: str | None = None) -> Snapshot:
+    """One snapshot directory, its table in ``row_dtype`` (default: as stored); raises OSError,
+    ValueError, KeyError or SnapshotError when it does not read back."""
     meta = json.loads((path / "meta.json").read_text())
-    table = EmbeddingTable.load(path / "table.snap")
+    table = EmbeddingTable.load(path / "table.snap", row_dtype=row_dtype)
     dense = decode_tensors((path / "dense.bin").read_bytes())
     return Snapshot(table=table, dense_state=dense, delta_seq=int(meta["delta_seq"]), path=path)
 

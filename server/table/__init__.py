@@ -1,4 +1,4 @@
-"""The collisionless embedding table: FID -> float32 row.
+"""The collisionless embedding table: FID -> row (read and written as float32; stored as fp32, fp16 or int8).
 
     cuckoo.py    the numba kernels (layout, invariants, seqlock protocol in its docstring)
     _atomics.py  acquire/release loads, stores and fences for the kernels

@@ -1,4 +1,4 @@
-"""EmbeddingTable: the collisionless FID -> float32 row map the whole system uses.
+"""EmbeddingTable: the collisionless FID -> row map the whole system uses.
 
 A thin owner of the arrays that the kernels in ``server.table.cuckoo`` work on (see
 that module for the layout, the invariants and the seqlock protocol). This
@@ -20,6 +20,11 @@ Expiry: every row carries the time of its last update on the caller's clock.
 ``evict_expired(ttl_s)`` measures age against the newest update the table has
 seen (Monolith's rule, robust to replaying old logs), or against ``now``.
 
+Row type: a table stores its rows as fp32, fp16 or int8 with a per-row scale
+(``row_dtype``, server.table.quantize). Callers always pass and get float32:
+``upsert`` quantizes, ``lookup`` and ``items`` return the rows as quantized
+(``quantized(rows, row_dtype)``, exactly). The trainer's tables are fp32.
+
 Admission: ``upsert(..., min_count=k)`` writes a FID that is not in the
 table only once a count-min sketch has seen it k times (conservative update,
 so counts never under-estimate); FIDs already present are always updated.
@@ -27,10 +32,15 @@ so counts never under-estimate); FIDs already present are always updated.
 Snapshot file (little-endian)::
 
     header  magic "MRTTABL1" | format u32 | dim u32 | count u64 | newest f64
-            | keys_crc u32 | rows_crc u32 | stamps_crc u32 | header_crc u32
+            | [format 2: row_dtype u32] | keys_crc u32 | rows_crc u32 | stamps_crc u32 | header_crc u32
     keys    uint64[count]
-    rows    float32[count, dim]
+    rows    [count, width] stored rows (format 1: float32[count, dim])
     stamps  float64[count]
+
+An fp32 table writes format 1 (which every earlier build reads); fp16 and int8
+tables write format 2, whose row_dtype (0 fp32, 1 fp16, 2 int8) says how the
+rows section is stored (server.table.quantize.storage_layout). ``load`` converts a
+snapshot to the row type asked for (a trainer's fp32 snapshot into an int8 serving table).
 
 CRC-32 of each section and of the header; the file is written to a temp name,
 fsynced and renamed, so a crash mid-save leaves the previous snapshot whole.
@@ -44,22 +54,24 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from server.table import cuckoo
 from server.table.cuckoo import EMPTY_KEY, SLOTS
+from server.table.quantize import decode_rows, encode_rows, row_dtype_code, row_dtype_of_code, storage_layout
 from server.durable import fsync_path
 from server.features import SIGNATURE_BITS, SLOT_IDS
 
-__all__ = ["EMPTY_KEY", "EmbeddingTable", "SnapshotError"]
+__all__ = ["EMPTY_KEY", "EmbeddingTable", "SnapshotData", "SnapshotError"]
 
 _MAGIC = b"MRTTABL1"
-_FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sIIQdIII")
+_FP32_FORMAT = 1
+_ROW_DTYPE_FORMAT = 2
+_HEADERS = {_FP32_FORMAT: struct.Struct("<8sIIQdIII"), _ROW_DTYPE_FORMAT: struct.Struct("<8sIIQdIIII")}
 _HEADER_CRC = struct.Struct("<I")
-_HEADER_BYTES = _HEADER.size + _HEADER_CRC.size
+_PREFIX = struct.Struct("<8sI")  # magic and format: which header follows
 _COPY_CHUNK_BYTES = 1 << 24
 _HUGE_PAGE_BYTES = 1 << 21
 
@@ -79,11 +91,13 @@ class TableArrays:
         self.generation = generation
 
     @classmethod
-    def anonymous(cls, n_buckets: int, dim: int, max_load_factor: float, stripes: int) -> "TableArrays":
+    def anonymous(cls, n_buckets: int, dim: int, max_load_factor: float, stripes: int,
+                  row_dtype: str = "fp32") -> "TableArrays":
         capacity = n_buckets * SLOTS
         keys = _zeros_on_huge_pages((capacity,), np.uint64)
         keys.fill(EMPTY_KEY)
-        return cls(keys, _zeros_on_huge_pages((capacity, dim), np.float32),
+        dtype, width = storage_layout(dim, row_dtype)
+        return cls(keys, _zeros_on_huge_pages((capacity, width), dtype),
                    _zeros_on_huge_pages((capacity,), np.float64),
                    np.zeros(min(stripes, n_buckets), dtype=np.uint64), max_load_factor)
 
@@ -112,10 +126,11 @@ def pow2_at_least(n: int) -> int:
 
 
 class EmbeddingTable:
-    """Collisionless map from uint64 FIDs to float32 rows of length ``dim``.
+    """Collisionless map from uint64 FIDs to rows of length ``dim``, read and written as float32.
 
     Args:
         dim: row length D.
+        row_dtype: how rows are stored: "fp32", "fp16" or "int8" (server.table.quantize).
         capacity: initial number of slots (rounded up to a power of two); the
             table doubles whenever it must.
         max_load_factor: grow before the table is fuller than this.
@@ -133,17 +148,20 @@ class EmbeddingTable:
         sketch_width: int = 1 << 20,
         sketch_depth: int = 4,
         stripes: int = 1 << 14,
+        row_dtype: str = "fp32",
     ):
-        self._configure(dim, max_load_factor, sketch_width, sketch_depth, stripes)
+        self._configure(dim, max_load_factor, sketch_width, sketch_depth, stripes, row_dtype)
         n_buckets = max(2, pow2_at_least(-(-int(capacity) // SLOTS)))
         self._state = self._allocate(n_buckets)
         self._count = 0
         self._newest_stamp = -np.inf
 
-    def _configure(self, dim, max_load_factor, sketch_width, sketch_depth, stripes) -> None:
+    def _configure(self, dim, max_load_factor, sketch_width, sketch_depth, stripes, row_dtype) -> None:
         """Validates the settings and sets up everything but the storage."""
         if int(dim) < 1:
             raise ValueError(f"dim requires >= 1, got {dim}")
+        self._storage_dtype, self._storage_width = storage_layout(int(dim), row_dtype)
+        self.row_dtype = row_dtype
         if not 0.1 <= max_load_factor <= 1.0:
             raise ValueError(f"max_load_factor requires 0.1 <= x <= 1.0, got {max_load_factor}")
         for name, value in (("sketch_width", sketch_width), ("stripes", stripes)):
@@ -162,7 +180,7 @@ class EmbeddingTable:
 
     def _allocate(self, n_buckets: int) -> TableArrays:
         """Empty storage for n_buckets buckets (not visible to readers yet)."""
-        return TableArrays.anonymous(n_buckets, self.dim, self.max_load_factor, self._stripes)
+        return TableArrays.anonymous(n_buckets, self.dim, self.max_load_factor, self._stripes, self.row_dtype)
 
     def _release(self, arrays: TableArrays) -> None:
         """Storage from _allocate that will never be published."""
@@ -175,6 +193,17 @@ class EmbeddingTable:
     @property
     def capacity(self) -> int:
         return self._state.keys.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the current storage (keys, rows, stamps, seqlock versions), free slots included."""
+        state = self._state
+        return state.keys.nbytes + state.rows.nbytes + state.stamps.nbytes + state.versions.nbytes
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes one slot's row takes in this table's row type (its key and stamp not counted)."""
+        return self._storage_width * self._storage_dtype.itemsize
 
     @property
     def load_factor(self) -> float:
@@ -235,16 +264,19 @@ class EmbeddingTable:
     # ----------------------------------------------------------------- writers
 
     def upsert(self, fids, rows, now, min_count=1) -> np.ndarray:
-        """Sets the row of each FID and stamps it ``now`` (a time, or one per
-        row); returns bool (n,) of the FIDs written. With ``min_count > 1`` (an
-        int, or one per FID), a FID not yet in the table counts one sighting
-        and is written only once it has been seen ``min_count`` times.
-        Repeated FIDs: the last row wins."""
+        """Sets the row of each FID (float32 values, stored in the table's row type) and stamps
+        it ``now`` (a time, or one per row); returns bool (n,) of the FIDs written. With
+        ``min_count > 1`` (an int, or one per FID), a FID not yet in the table counts one
+        sighting and is written only once it has been seen ``min_count`` times.
+        Repeated FIDs: the last row wins. Raises ValueError for a value the row type cannot
+        hold (non-finite, or beyond fp16's range: server.table.quantize)."""
         fids = _as_fids(fids)
         n = fids.shape[0]
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.shape != (n, self.dim):
             raise ValueError(f"rows requires shape {(n, self.dim)} to match fids, got {rows.shape}")
+        if self.row_dtype != "fp32":
+            rows = encode_rows(rows, self.row_dtype)
         if np.any(fids == EMPTY_KEY):
             raise ValueError(f"fids must not contain the reserved empty key {int(EMPTY_KEY):#x}")
         stamps = np.ascontiguousarray(np.broadcast_to(np.asarray(now, dtype=np.float64), (n,)))
@@ -309,7 +341,8 @@ class EmbeddingTable:
 
     def items(self, chunk_rows: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yields (fids uint64[k], rows float32[k, D], stamps float64[k]) chunks
-        of at most ``chunk_rows`` entries, each a fresh copy. Holds the writer
+        of at most ``chunk_rows`` entries, each a fresh copy; rows as served (decoded
+        from the row type). Holds the writer
         lock between chunks only, so a writer in between can make an entry
         appear twice or not at all; use it where no writer runs (or ``save``)."""
         if chunk_rows < 1:
@@ -321,30 +354,34 @@ class EmbeddingTable:
                 if start >= state.keys.shape[0]:
                     return
                 out_fids = np.empty(chunk_rows, dtype=np.uint64)
-                out_rows = np.empty((chunk_rows, self.dim), dtype=np.float32)
+                out_rows = np.empty((chunk_rows, self._storage_width), dtype=self._storage_dtype)
                 out_stamps = np.empty(chunk_rows, dtype=np.float64)
                 start, n = cuckoo.export_chunk(state.keys, state.rows, state.stamps, start,
                                                out_fids, out_rows, out_stamps)
             if n:
-                yield out_fids[:n], out_rows[:n], out_stamps[:n]
+                rows = out_rows[:n] if self.row_dtype == "fp32" else decode_rows(out_rows[:n], self.row_dtype)
+                yield out_fids[:n], rows, out_stamps[:n]
 
     # --------------------------------------------------------------- snapshot
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the whole table to ``path`` atomically (temp file, fsync, rename)."""
+        """Writes the whole table to ``path`` atomically (temp file, fsync, rename), rows as stored."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        version = _FP32_FORMAT if self.row_dtype == "fp32" else _ROW_DTYPE_FORMAT
+        header_struct = _HEADERS[version]
+        row_bytes = self.bytes_per_row
         with self._write_lock:
             state = self._state
             count = self._count
-            keys_at = _HEADER_BYTES
+            keys_at = header_struct.size + _HEADER_CRC.size
             rows_at = keys_at + 8 * count
-            stamps_at = rows_at + 4 * self.dim * count
+            stamps_at = rows_at + row_bytes * count
             crcs = [0, 0, 0]
             offsets = [keys_at, rows_at, stamps_at]
-            chunk = max(1, _COPY_CHUNK_BYTES // (4 * self.dim))
+            chunk = max(1, _COPY_CHUNK_BYTES // row_bytes)
             out_fids = np.empty(chunk, dtype=np.uint64)
-            out_rows = np.empty((chunk, self.dim), dtype=np.float32)
+            out_rows = np.empty((chunk, self._storage_width), dtype=self._storage_dtype)
             out_stamps = np.empty(chunk, dtype=np.float64)
             try:
                 with open(tmp, "wb") as f:
@@ -361,7 +398,10 @@ class EmbeddingTable:
                             crcs[k] = zlib.crc32(data, crcs[k])
                         written += n
                     assert written == count, (written, count)
-                    header = _HEADER.pack(_MAGIC, _FORMAT_VERSION, self.dim, count, self._newest_stamp, *crcs)
+                    fields = (self.dim, count, self._newest_stamp)
+                    if version == _ROW_DTYPE_FORMAT:
+                        fields += (row_dtype_code(self.row_dtype),)
+                    header = header_struct.pack(_MAGIC, version, *fields, *crcs)
                     f.seek(0)
                     f.write(header + _HEADER_CRC.pack(zlib.crc32(header)))
                     f.flush()
@@ -373,22 +413,31 @@ class EmbeddingTable:
         fsync_path(path.parent)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **table_args) -> "EmbeddingTable":
-        """Reads a snapshot written by ``save``. Raises SnapshotError, naming the
-        file and what is wrong, if it is truncated, corrupt or of another format."""
-        dim, keys, rows, stamps, newest = read_snapshot(path)
-        table_args.setdefault("capacity", int(keys.shape[0] / 0.9) + SLOTS)
-        table = cls(dim, **table_args)
-        table.fill_from_snapshot(path, keys, rows, stamps, newest)
+    def load(cls, path: str | os.PathLike, row_dtype: str | None = None, **table_args) -> "EmbeddingTable":
+        """Reads a snapshot written by ``save`` into a table of ``row_dtype`` (default: the snapshot's).
+        Raises SnapshotError, naming the file and what is wrong, if it is truncated, corrupt or of
+        another format, or holds a value ``row_dtype`` cannot (fp16's range)."""
+        data = read_snapshot(path)
+        table_args.setdefault("capacity", int(data.keys.shape[0] / 0.9) + SLOTS)
+        table = cls(data.dim, row_dtype=row_dtype or data.row_dtype, **table_args)
+        table.fill_from_snapshot(path, data)
         return table
 
-    def fill_from_snapshot(self, path, keys, rows, stamps, newest) -> None:
-        """Writes what ``read_snapshot(path)`` returned into this (empty) table."""
+    def fill_from_snapshot(self, path, data: "SnapshotData") -> None:
+        """Writes what ``read_snapshot(path)`` returned into this (empty) table, converting its rows
+        to this table's row type where they differ."""
+        rows = data.rows
+        if data.row_dtype != self.row_dtype:
+            try:
+                rows = encode_rows(decode_rows(rows, data.row_dtype), self.row_dtype)
+            except ValueError as exc:
+                raise SnapshotError(f"{path}: its {data.row_dtype} rows do not fit a {self.row_dtype} table: {exc}") \
+                    from None
         with self._write_lock:
-            self._write(keys, rows, stamps, np.ones(keys.shape[0], dtype=np.bool_))
-            self._newest_stamp = float(newest)
-        if len(self) != keys.shape[0]:
-            raise SnapshotError(f"{path}: holds duplicate keys ({keys.shape[0]} entries, {len(self)} distinct)")
+            self._write(data.keys, rows, data.stamps, np.ones(data.keys.shape[0], dtype=np.bool_))
+            self._newest_stamp = float(data.newest)
+        if len(self) != data.keys.shape[0]:
+            raise SnapshotError(f"{path}: holds duplicate keys ({data.keys.shape[0]} entries, {len(self)} distinct)")
 
     @property
     def sketch(self) -> np.ndarray:
@@ -461,35 +510,59 @@ class EmbeddingTable:
             n_buckets *= 2
 
 
-def read_snapshot(path: str | os.PathLike):
-    """(dim, keys, rows, stamps, newest) of a snapshot file written by
-    ``EmbeddingTable.save``; raises SnapshotError naming the fault."""
+class SnapshotData(NamedTuple):
+    """A snapshot file's contents: rows as stored, in ``row_dtype`` (server.table.quantize)."""
+
+    dim: int
+    keys: np.ndarray
+    rows: np.ndarray
+    stamps: np.ndarray
+    newest: float
+    row_dtype: str
+
+
+def read_snapshot(path: str | os.PathLike) -> SnapshotData:
+    """What a snapshot file written by ``EmbeddingTable.save`` holds; raises SnapshotError naming the fault."""
     path = Path(path)
     with open(path, "rb") as f:
-        raw_header = f.read(_HEADER_BYTES)
-        if len(raw_header) < _HEADER_BYTES:
-            raise SnapshotError(f"{path}: truncated header: {len(raw_header)} of {_HEADER_BYTES} bytes")
-        magic, version, dim, count, newest, *crcs = _HEADER.unpack_from(raw_header)
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise SnapshotError(f"{path}: truncated header: {len(prefix)} bytes")
+        magic, version = _PREFIX.unpack(prefix)
         if magic != _MAGIC:
             raise SnapshotError(f"{path}: not a table snapshot (magic {magic!r}, expected {_MAGIC!r})")
-        (header_crc,) = _HEADER_CRC.unpack_from(raw_header, _HEADER.size)
-        if zlib.crc32(raw_header[: _HEADER.size]) != header_crc:
+        header_struct = _HEADERS.get(version)
+        if header_struct is None:
+            raise SnapshotError(f"{path}: format version {version}, this build reads {sorted(_HEADERS)}")
+        header_bytes = header_struct.size + _HEADER_CRC.size
+        raw_header = prefix + f.read(header_bytes - _PREFIX.size)
+        if len(raw_header) < header_bytes:
+            raise SnapshotError(f"{path}: truncated header: {len(raw_header)} of {header_bytes} bytes")
+        (header_crc,) = _HEADER_CRC.unpack_from(raw_header, header_struct.size)
+        if zlib.crc32(raw_header[: header_struct.size]) != header_crc:
             raise SnapshotError(f"{path}: header checksum mismatch")
-        if version != _FORMAT_VERSION:
-            raise SnapshotError(f"{path}: format version {version}, this build reads {_FORMAT_VERSION}")
-        expected = _HEADER_BYTES + count * (8 + 4 * dim + 8)
+        _, _, dim, count, newest, *rest = header_struct.unpack_from(raw_header)
+        try:
+            row_dtype = row_dtype_of_code(rest.pop(0)) if version == _ROW_DTYPE_FORMAT else "fp32"
+        except ValueError as exc:
+            raise SnapshotError(f"{path}: {exc}") from None
+        crcs = rest
+        if dim < 1:
+            raise SnapshotError(f"{path}: dim {dim}, requires >= 1")
+        dtype, width = storage_layout(dim, row_dtype)
+        expected = header_bytes + count * (8 + width * dtype.itemsize + 8)
         actual = os.fstat(f.fileno()).st_size
         if actual != expected:
             raise SnapshotError(f"{path}: truncated or padded: {actual} bytes, header says {expected}")
         keys = np.fromfile(f, dtype=np.uint64, count=count)
-        rows = np.fromfile(f, dtype=np.float32, count=count * dim).reshape(count, dim)
+        rows = np.fromfile(f, dtype=dtype, count=count * width).reshape(count, width)
         stamps = np.fromfile(f, dtype=np.float64, count=count)
     for name, part, crc in zip(("keys", "rows", "stamps"), (keys, rows, stamps), crcs):
         if zlib.crc32(part) != crc:
             raise SnapshotError(f"{path}: {name} section checksum mismatch")
     if np.any(keys == EMPTY_KEY):
         raise SnapshotError(f"{path}: holds the reserved empty key")
-    return dim, keys, rows, stamps, newest
+    return SnapshotData(dim, keys, rows, stamps, newest, row_dtype)
 
 
 def _as_fids(fids) -> np.ndarray:

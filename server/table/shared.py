@@ -11,7 +11,7 @@ Directory layout (one per server; see ``shm_directory``)::
     setup.lock            flock: held while a process creates or attaches
     writer.lock           flock: the writer lease (the kernel drops it when its holder dies)
     gen-<g>.keys          uint64[C]        generation g's arrays, as in server.table.cuckoo
-    gen-<g>.rows          float32[C, D]
+    gen-<g>.rows          [C, W]           rows in the row type (server.table.quantize.storage_layout)
     gen-<g>.stamps        float64[C]
     gen-<g>.versions      uint64[V]
     blob-<name>-<v>       an opaque blob (the dense weights) at version v
@@ -20,6 +20,7 @@ Directory layout (one per server; see ``shm_directory``)::
     control[DIM]          D                control[COUNT]       keys in generation g
     control[STRIPES]      V                control[NEWEST]      newest stamp (float64 bits)
     control[MAX_LOAD]     load bound (float64 bits)
+    control[ROW_DTYPE]    the row type's code (0 fp32, 1 fp16, 2 int8: server.table.quantize.row_dtype_code)
     control[DIRTY]        1 while the writer changes the table
     control[OWNER]        who created it (the server's identity)
     control[WRITER_PID]   the writer's pid
@@ -62,13 +63,14 @@ import numpy as np
 
 from server.table.cuckoo import EMPTY_KEY, SLOTS
 from server.table.local import EmbeddingTable, SnapshotError, TableArrays, pow2_at_least, read_snapshot
+from server.table.quantize import row_dtype_code, row_dtype_of_code
 
 __all__ = ["FileLock", "NotTheWriter", "SharedEmbeddingTable", "SharedMemoryFull", "shm_directory"]
 
 SHM_ROOT = Path("/dev/shm")
 _MAGIC = int.from_bytes(b"MRTSHM01", "little")
 _CONTROL_WORDS = 512
-MAGIC, DIM, STRIPES, MAX_LOAD, GENERATION, COUNT, NEWEST, DIRTY, OWNER, WRITER_PID, READY = range(11)
+MAGIC, DIM, STRIPES, MAX_LOAD, GENERATION, COUNT, NEWEST, DIRTY, OWNER, WRITER_PID, READY, ROW_DTYPE = range(12)
 USER = 64  # control[USER:] belongs to the owner (the ranker keeps delta_seq and blob versions there)
 _ATTACH_POLL_S = 0.01
 
@@ -172,8 +174,12 @@ class SharedEmbeddingTable(EmbeddingTable):
         self._control_f = self._control.view(np.float64)
         if int(self._control[MAGIC]) != _MAGIC:
             raise SnapshotError(f"{self.directory}/control is not a shared table control block")
+        try:
+            row_dtype = row_dtype_of_code(int(self._control[ROW_DTYPE]))
+        except ValueError as exc:
+            raise SnapshotError(f"{self.directory}/control: {exc}") from None
         self._configure(int(self._control[DIM]), float(self._control_f[MAX_LOAD]), sketch_width, sketch_depth,
-                        int(self._control[STRIPES]))
+                        int(self._control[STRIPES]), row_dtype)
         self._thread_lock = self._write_lock
         self._write_lock = _WriterSection(self)
         self._lease = FileLock(self.directory / "writer.lock")
@@ -185,14 +191,15 @@ class SharedEmbeddingTable(EmbeddingTable):
 
     @classmethod
     def create(cls, directory: str | os.PathLike, dim: int, *, capacity: int = 1024, max_load_factor: float = 0.98,
-               stripes: int = 1 << 14, owner: int = 0, **sketch) -> "SharedEmbeddingTable":
+               stripes: int = 1 << 14, owner: int = 0, row_dtype: str = "fp32", **sketch) -> "SharedEmbeddingTable":
         """A new empty table in ``directory`` (which must not exist), held
         as writer by this process; ``mark_ready`` lets attachers in."""
+        code = row_dtype_code(row_dtype)
         directory = Path(directory)
         directory.mkdir(mode=0o700)
         control = _map(directory / "control", _CONTROL_WORDS * 8, create=True)
         words = np.frombuffer(control, dtype=np.uint64)
-        words[DIM], words[STRIPES], words[OWNER] = dim, stripes, owner
+        words[DIM], words[STRIPES], words[OWNER], words[ROW_DTYPE] = dim, stripes, owner, code
         words.view(np.float64)[MAX_LOAD] = max_load_factor
         words.view(np.float64)[NEWEST] = -np.inf
         words[MAGIC] = _MAGIC
@@ -222,11 +229,13 @@ class SharedEmbeddingTable(EmbeddingTable):
         return cls(directory, control, **sketch)
 
     @classmethod
-    def create_from_snapshot(cls, directory, path, **table_args) -> "SharedEmbeddingTable":
-        dim, keys, rows, stamps, newest = read_snapshot(path)
-        table_args.setdefault("capacity", int(keys.shape[0] / 0.9) + SLOTS)
-        table = cls.create(directory, dim, **table_args)
-        table.fill_from_snapshot(path, keys, rows, stamps, newest)
+    def create_from_snapshot(cls, directory, path, row_dtype: str | None = None,
+                             **table_args) -> "SharedEmbeddingTable":
+        """A new table holding the snapshot at ``path``, in ``row_dtype`` (default: the snapshot's)."""
+        data = read_snapshot(path)
+        table_args.setdefault("capacity", int(data.keys.shape[0] / 0.9) + SLOTS)
+        table = cls.create(directory, data.dim, row_dtype=row_dtype or data.row_dtype, **table_args)
+        table.fill_from_snapshot(path, data)
         return table
 
     def mark_ready(self) -> None:
@@ -354,7 +363,7 @@ class SharedEmbeddingTable(EmbeddingTable):
     def _open_generation(self, generation: int, n_buckets: int, create: bool) -> TableArrays:
         capacity = n_buckets * SLOTS
         stripes = min(self._stripes, n_buckets)
-        shapes = {"keys": ((capacity,), np.uint64), "rows": ((capacity, self.dim), np.float32),
+        shapes = {"keys": ((capacity,), np.uint64), "rows": ((capacity, self._storage_width), self._storage_dtype),
                   "stamps": ((capacity,), np.float64), "versions": ((stripes,), np.uint64)}
         arrays = {}
         for part, (shape, dtype) in shapes.items():

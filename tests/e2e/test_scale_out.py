@@ -22,7 +22,7 @@ from loadtest.bus_stack import quiesce_and_compare, served_seq, spawn_bus_stack
 from loadtest.freshness import probe_once
 from server.client import RankerClient
 from server.features import shipped_schema
-from server.streams.snapshots import list_snapshots
+from server.streams.snapshots import list_snapshots, load_latest_snapshot
 from server.streams import FEATURES, FEEDBACK
 from server.streams.records import FeatureRecord, FeedbackRecord
 
@@ -105,7 +105,9 @@ def test_replicas_survive_node_and_replica_kills_and_converge_byte_for_byte(tmp_
             k += 20
         admin.close()
         r1 = stack.start_replica("r1")  # the same data dir, no local snapshot: object store + stream
-        r2 = stack.start_replica("r2")  # a late replica: its first deltas are gone from the stream
+        # A late replica, its first deltas gone from the stream, serving int8 rows: the trainer's fp32 snapshot
+        # and deltas quantized on the way in, and compared with the trainer's rows as quantized.
+        r2 = stack.start_replica("r2", ("--row-dtype", "int8"))
         c1, c2 = RankerClient(r1.grpc_url, "grpc"), RankerClient(r2.grpc_url, "grpc")
         assert list_snapshots(r2.data_dir), "the late replica did not start from a snapshot"
         drive([c0, c1, c2], 90, rng, acked, start=5000)
@@ -119,6 +121,7 @@ def test_replicas_survive_node_and_replica_kills_and_converge_byte_for_byte(tmp_
         assert result["trainer_rows"] > 200  # admission keeps only IDs seen often enough
         assert [r["replica"] for r in result["per_replica"]] == ["r0", "r1", "r2"]
         assert result["replicas_identical"], result
+        assert load_latest_snapshot(r2.data_dir).table.row_dtype == "int8"  # r2 served, and kept, int8 rows
         got = read_feedback_ids(stack)
         assert acked <= got, f"{len(acked - got)} acknowledged feedback records missing from the stream"
         checkpoint = sorted((trainer.data_dir / "trainer").iterdir())[-1]

@@ -11,7 +11,7 @@ from server.runtime import triton_adapter as triton
 from server.clock import TimeWindow
 from server.features import load_schema
 from server.runtime.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
-                           parse_rank_request)
+                           parse_rank_request, row_dtype_from_settings)
 from server.runtime.shared_ranker import SharedRankerRuntime
 from updater.applier import DeltaApplier
 
@@ -30,6 +30,7 @@ class TritonPythonModel:
         try:
             limit_compute_threads(params.get("compute_threads", "1"))
             self.time_window = TimeWindow.from_settings(params)  # a client's timestamp is refused outside it
+            row_dtype = row_dtype_from_settings(params)
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"ranker: {exc}") from exc
         schema_path = Path(args["model_repository"]) / params.get("feature_schema", "feature_schema.json")
@@ -43,11 +44,14 @@ class TritonPythonModel:
                 f"ranker: parameter shared_table requires 'true' or 'false', got {shared!r}")
         runtime_class = SharedRankerRuntime if shared == "true" else RankerRuntime
         self.runtime = runtime_class(schema, triton.data_dir(params), args["model_instance_name"],
-                                     make_applier=DeltaApplier.following)
+                                     make_applier=DeltaApplier.following, row_dtype=row_dtype)
         pb_utils.Logger.log_info(f"ranker {args['model_instance_name']}: {self.runtime.startup_message}; "
                                  f"request path warmed up in {self.runtime.warm_up_s:.2f} s")
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.m_rows = triton.Gauge("monolith_table_rows", "Rows in the embedding table", table="embeddings", **labels)
+        self.m_table_bytes = triton.Gauge("monolith_table_bytes", "Bytes of the embedding table's arrays, free slots "
+                                          "included (shared by the instances of a shared table)", table="embeddings",
+                                          row_dtype=self.runtime.table.row_dtype, **labels)
         self.m_seq = triton.Gauge("monolith_delta_seq", "Delta sequence number the ranker serves at", **labels)
         self.m_log_written = triton.Counter("monolith_feature_log_written_total", "Feature log records written", **labels)
         self.m_log_queued = triton.Gauge("monolith_feature_log_queued", "Feature log records waiting", **labels)
@@ -70,8 +74,8 @@ class TritonPythonModel:
                                         "Seconds the oldest unapplied delta record has waited (0: caught up)", **replica)
         self.m_bus_reconnects = triton.Counter("monolith_bus_reconnects_total", "Reconnections to the bus", **replica)
         self._metrics = triton.MetricsThread(self._update_metrics, METRICS_INTERVAL_S, metrics=(
-            self.m_rows, self.m_seq, self.m_scored, self.m_log_written, self.m_log_queued, self.m_log_shed,
-            self.m_rejected, self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts,
+            self.m_rows, self.m_table_bytes, self.m_seq, self.m_scored, self.m_log_written, self.m_log_queued,
+            self.m_log_shed, self.m_rejected, self.m_lag, self.m_rows_applied, self.m_rejected_deltas, self.m_halted, self.m_halts,
             self.m_reloads, self.m_bus_lag, self.m_bus_lag_s, self.m_bus_reconnects))
         self._parent_watch = triton.ParentWatch(lambda: self.runtime.close(snapshot=False))
         # The long-lived objects of numba, numpy and the runtime never die: keep them out of the
@@ -111,6 +115,7 @@ class TritonPythonModel:
     def _update_metrics(self):
         runtime = self.runtime
         self.m_rows.set(len(runtime.table))
+        self.m_table_bytes.set(runtime.table.nbytes)
         self.m_seq.set(runtime.delta_seq)
         self.m_log_written.update(runtime.feature_log.written)
         self.m_log_queued.set(runtime.feature_log.queued)
