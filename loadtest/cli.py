@@ -252,6 +252,9 @@ def add_commands(commands, bench) -> None:
     instances.add_argument("--rounds", type=positive_int, default=2, help="windows per model (default 2)")
     instances.add_argument("--private-table", action="store_true",
                            help="each instance with its own private table (model parameter shared_table false)")
+    instances.add_argument("--row-dtype", default="fp32",
+                           help="comma-separated row types to measure, each with every --instances count (serve "
+                           "--row-dtype: fp32, fp16, int8; default fp32)")
     instances.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     instances.add_argument("--json", action="store_true", help="print one JSON object")
     instances.set_defaults(run=_run_bench_instances)
@@ -406,6 +409,7 @@ def _run_bench_instances(args: argparse.Namespace) -> int:
 
     counts = [int(c) for c in args.instances.split(",") if c.strip()]
     result = bench_instances(schema(), counts, args.rows, args.candidates, args.concurrency, args.window_s,
-                             args.rounds, args.seed, shared_table=not args.private_table)
+                             args.rounds, args.seed, shared_table=not args.private_table,
+                             row_dtypes=tuple(t.strip() for t in args.row_dtype.split(",") if t.strip()))
     emit(result, args.json, format_instances_report)
     return 0

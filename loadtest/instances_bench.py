@@ -1,8 +1,9 @@
 """``monolith-rt bench instances``: throughput and table memory per ranker instance count.
 
-For each count N: a spawned ``monolith-rt serve`` on a model repository
-whose ranker has ``instance_group.count`` N, loaded with a snapshot of
-``rows`` rows (every FID the requests use among them). Closed loop,
+For each count N (and each row type, ``serve --row-dtype``): a spawned
+``monolith-rt serve`` on a model repository whose ranker has
+``instance_group.count`` N, loaded with a snapshot of ``rows`` rows (every
+FID the requests use among them). Closed loop,
 ``concurrency`` clients on tritonserver's own gRPC port (the front's work is
 not what this measures), alternating windows:
     rps            the ranker at ``candidates`` candidates
@@ -54,6 +55,7 @@ import numpy as np
 
 from loadtest.latency import request_fids, synthetic_requests, run_window
 from server.features import FeatureSchema
+from server.table.quantize import ROW_DTYPES
 from server.procs import cpu_seconds, processes
 
 _PARTS = ("keys", "rows", "stamps", "versions")
@@ -134,7 +136,7 @@ def _pss_bytes(pid: int) -> int:
 
 
 def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency: int, window_s: float,
-             rounds: int, seed: int, shared_table: bool) -> dict:
+             rounds: int, seed: int, shared_table: bool, row_dtype: str = "fp32") -> dict:
     from server.host.instances import repository_with_instances
     from server.table.shared import mapping_bytes, shm_directory
     from server.host.supervisor import ServeProcess
@@ -145,9 +147,10 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
         data_dir.mkdir()
         _snapshot(data_dir, schema, requests, rows, seed)
         repo = repository_with_instances(Path(tmp) / "repo", count, shared_table=shared_table)
-        print(f"[bench instances] {count} instance(s): starting monolith-rt serve", file=sys.stderr, flush=True)
+        print(f"[bench instances] {count} instance(s), {row_dtype} rows: starting monolith-rt serve", file=sys.stderr,
+              flush=True)
         spawned = time.monotonic()
-        with ServeProcess(data_dir, extra_args=["--model-repository", str(repo)]) as serve:
+        with ServeProcess(data_dir, extra_args=["--model-repository", str(repo), "--row-dtype", row_dtype]) as serve:
             ready_s = time.monotonic() - spawned
             url = serve.triton_grpc_url
             run_window(url, "grpc", "ranker", requests, 2.0, None, concurrency, "poisson", 1_000_000, rng)
@@ -172,7 +175,7 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
             table_rss = [mapping_bytes(pid, str(directory), ("Rss",)) for pid in stubs] if shared_table else None
     rps = counted["ranker"][0] / counted["ranker"][1]
     baseline_rps = counted["baseline"][0] / counted["baseline"][1]
-    return {"instances": count, "shared_table": shared_table, "rps": round(rps, 1),
+    return {"instances": count, "row_dtype": row_dtype, "shared_table": shared_table, "rps": round(rps, 1),
             "baseline_rps": round(baseline_rps, 1), "rps_ratio_vs_baseline": round(rps / baseline_rps, 3),
             "table_bytes": table_bytes if shared_table else None,
             "table_private_bytes_per_instance": max(private) if private else None,
@@ -185,17 +188,19 @@ def _measure(count: int, schema: FeatureSchema, requests, rows: int, concurrency
 
 def bench_instances(schema: FeatureSchema, counts: list[int], rows: int, candidates: int = 100,
                     concurrency: int = 8, window_s: float = 5.0, rounds: int = 2, seed: int = 0,
-                    shared_table: bool = True) -> dict:
+                    shared_table: bool = True, row_dtypes: tuple[str, ...] = ("fp32",)) -> dict:
     if not counts or min(counts) < 1:
         raise ValueError(f"--instances requires counts >= 1, got {counts}")
+    if not row_dtypes or set(row_dtypes) - set(ROW_DTYPES):
+        raise ValueError(f"--row-dtype requires row types among {', '.join(ROW_DTYPES)}, got {list(row_dtypes)}")
     if rows < 1:
         raise ValueError(f"--rows requires >= 1, got {rows}")
     requests = synthetic_requests(schema, 200, candidates, seed)
     started = time.monotonic()
     result = {"rows_in_table": rows, "candidates": candidates, "concurrency": concurrency, "window_s": window_s,
               "rounds": rounds,
-              "rows": [_measure(n, schema, requests, rows, concurrency, window_s, rounds, seed, shared_table)
-                       for n in counts]}
+              "rows": [_measure(n, schema, requests, rows, concurrency, window_s, rounds, seed, shared_table, t)
+                       for t in row_dtypes for n in counts]}
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     return result
 
@@ -206,8 +211,8 @@ def format_instances_report(result: dict) -> str:
     for row in result["rows"]:
         table = row["table_bytes"]
         private = row["table_private_bytes_per_instance"]
-        lines.append(f"  {row['instances']} instance(s): ranker {row['rps']:.1f} req/s, baseline "
-                     f"{row['baseline_rps']:.1f} req/s, ratio {row['rps_ratio_vs_baseline']}; table "
+        lines.append(f"  {row['instances']} instance(s), {row['row_dtype']} rows: ranker {row['rps']:.1f} req/s, "
+                     f"baseline {row['baseline_rps']:.1f} req/s, ratio {row['rps_ratio_vs_baseline']}; table "
                      + (f"{table / 2**20:.1f} MiB, private per instance (max) {private / 2**20:.1f} MiB "
                         f"(by instance: {[round(p / 2**20, 1) for p in row['table_private_bytes_by_instance']]})"
                         if table is not None else "private per instance (shared_table false)")

@@ -94,8 +94,8 @@ def add_commands(commands, bench) -> None:
     experiment.add_argument("name", choices=("collisions", "sync-interval", "calibration", "guard", "row-dtype"),
                             help="which experiment (guard: the quality guard against poison and drift, trainer."
                             "guard_experiment; --seeds 3 took 261 s here on 2 busy shared cores, --quick 130 s; "
-                            "row-dtype: held-out AUC with the embedding rows as fp32, fp16 and int8 serving rows, "
-                            "bytes per row and a decoding gather's rate, trainer.row_dtype_experiment)")
+                            "row-dtype: held-out AUC with the embedding rows in fp32, fp16 and int8 serving tables, "
+                            "bytes per row, lookup rate and ranker CPU per request, trainer.row_dtype_experiment)")
     experiment.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
     experiment.add_argument("--quick", action="store_true", help="20,000 examples and fewer variants; guard: a tail of 24,000 (for tests)")
     experiment.add_argument("--out", default="reports/experiments", help="output dir (default reports/experiments)")

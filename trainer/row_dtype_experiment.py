@@ -1,167 +1,142 @@
 """``monolith-rt experiment row-dtype``: what fp16 and int8 serving rows cost in AUC and gain in bytes and speed.
 
-The trainer keeps fp32 master rows; a serving table could hold them as fp16
-or as int8 with a per-row scale (``server.table.quantize``). Per seed, one
-model is trained on the first 80% by time (as ``experiment collisions``
-does), then the last 20% is scored three times with the same dense weights
-and the embedding rows as each row type serves them (quantized, then back
-to float32). The AUC loss of a row type is paired per seed: fp32's AUC minus
-its own on the same model, so the seeds' spread does not hide it.
+The trainer keeps fp32 master rows; a serving table holds them in its row
+type (``monolith-rt serve --row-dtype``, server.table.quantize): fp32, fp16,
+or int8 with a per-row scale. Per seed, one model is trained on the first 80%
+by time (as ``experiment collisions`` does), then the last 20% is scored
+three times with the same dense weights and the model's rows upserted into a
+serving table of each row type, which quantizes them as ``serve`` does. The
+AUC loss of a row type is paired per seed: fp32's AUC minus its own on the
+same model, so the seeds' spread does not hide it.
 
-Beside AUC, per row type:
-    row_bytes            the row itself (dim 16: 64, 32, 16 + a 4-byte scale)
-    slot_bytes           a table slot: key (8) + row + update stamp (8)
-    gather_mrows_per_s   random rows read from a table-sized array of that
-                         row type and decoded to float32, batches of 4096, one
-                         thread, best of 5 interleaved rounds (numba kernels that
-                         prefetch 16 rows ahead, as the table's lookup does, and
-                         copy a row as it does): what the row type
-                         changes in a lookup's memory traffic. int8 rows are
-                         packed with their scale (``pack_int8``: D + 4 bytes,
-                         one place per row, not two arrays). It is not the
-                         cuckoo lookup itself, whose kernels hold fp32 rows.
-    score_max_abs_diff   the largest change of a held-out probability
-                         against fp32 (same model)
+Beside AUC, per row type, all in the same run:
+    row_bytes              the stored row (dim 16: 64, 32, 16 + a 4-byte scale)
+    slot_bytes             a table slot: key (8) + row + update stamp (8)
+    table_bytes_per_row    a table of ``lookup_rows`` random FIDs, presized at the growth bound (0.98) as
+                           ``bench table`` presizes one: its keys, rows and stamps arrays over its rows (free
+                           slots included: 4M rows fill 0.954 of 2**22 slots)
+    lookup_mkeys_per_s     the cuckoo lookup (server.table.cuckoo.lookup_batch, decoding to float32) on that
+                           table: present FIDs in random order, batches of 4096, one thread, best of 5 rounds,
+                           the row types interleaved; ``gather_mrows_per_s`` is a numpy gather of as many
+                           random rows from a dense fp32 array of the same size, the memory-bound floor
+    ranker_cpu_us_per_request   CPU time (this thread) of ``RankerRuntime.score`` per ranking request of
+                           ``candidates`` held-out items (table lookup + the numpy forward), the last seed's
+                           model served from a snapshot in that row type; 1,000 requests, best of 5 interleaved rounds
+    score_max_abs_diff     the largest change of a held-out probability against fp32 (same model)
 
-numba has no float16 on the CPU, so the fp16 kernel reads the rows' uint16
-bits and decodes them itself: sign, exponent and mantissa shifted into a
-float32's places, times 2**112 (exact for every finite half; inf and nan
-are never stored, see quantize.py). A serving table would do the same.
-Without the prefetch the decode's extra work cut the misses in flight and
-fp16 gathered at 0.56x fp32's rate (ML-1M run of 3b4f6d4); with it, faster.
+What it does not show: the ML-1M table (~10k rows) fits in cache, so its
+ranker CPU measures the decode, not memory traffic. On the large table a
+lookup misses twice whatever the row type (the bucket's line, then the
+row's), so narrower rows save memory more than time.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
-import numba
 import numpy as np
 
 from server.features import FeatureSchema
+from server.runtime.ranker import RankerRuntime, RankRequest
+from server.streams.snapshots import write_snapshot
 from server.table import EmbeddingTable
-from server.table._atomics import prefetch
-from server.table.quantize import ROW_DTYPES, bytes_per_row, quantize_rows, quantized
+from server.table.cuckoo import SLOTS
+from server.table.quantize import ROW_DTYPES, bytes_per_row, quantized
 from trainer.data import DATASET_TITLES, Examples
 from trainer.experiments import experiment_examples, seeded_model, train_span
 from trainer.model import TrainerModel, auc
 
 _KEY_BYTES = 8
 _STAMP_BYTES = 8
-_GATHER_ROWS = 4_000_000
-_QUICK_GATHER_ROWS = 100_000
-_GATHER_BATCH = 4096
-_GATHER_ROUNDS = 5
-_HALF_SCALE = np.float32(2.0**112)  # 2**(127 - 15): float32's exponent bias minus fp16's
-_PREFETCH_AHEAD = 16  # rows, as the table's lookup prefetches
+_LOOKUP_ROWS = 4_000_000
+_QUICK_LOOKUP_ROWS = 100_000
+_BATCH = 4096
+_ROUNDS = 5
+_CANDIDATES = 100
+_SCORED_REQUESTS = 1000
 
 
-@numba.njit(cache=True, nogil=True)
-def _gather_fp32(rows, positions, out):
-    n = positions.shape[0]
-    for i in range(n):
-        if i + _PREFETCH_AHEAD < n:
-            prefetch(rows, positions[i + _PREFETCH_AHEAD])
-        p = positions[i]
-        for j in range(out.shape[1]):
-            out[i, j] = rows[p, j]
+def _progress(message: str) -> None:
+    print(f"[row-dtype] {message}", file=sys.stderr, flush=True)
 
 
-@numba.njit(cache=True, nogil=True)
-def _gather_fp16(bits, positions, out):
-    """bits: the fp16 rows as uint16. A half's sign, exponent and mantissa moved to a float32's bit
-    positions make a float32 2**112 times too small (fp16's exponent bias is 15, float32's 127):
-    one multiply gives the exact value, subnormals and -0 included."""
-    n = positions.shape[0]
-    scratch = np.empty(out.shape[1], dtype=np.uint32)
-    scratch_f = scratch.view(np.float32)
-    for i in range(n):
-        if i + _PREFETCH_AHEAD < n:
-            prefetch(bits, positions[i + _PREFETCH_AHEAD])
-        p = positions[i]
-        for j in range(out.shape[1]):
-            h = np.uint32(bits[p, j])
-            scratch[j] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-        for j in range(out.shape[1]):
-            out[i, j] = scratch_f[j] * _HALF_SCALE
+def _presized(dim: int, rows: int, row_dtype: str) -> EmbeddingTable:
+    """An empty table sized as ``EmbeddingTable.load`` sizes one for ``rows`` rows."""
+    return EmbeddingTable(dim, capacity=int(rows / 0.9) + SLOTS, row_dtype=row_dtype)
 
 
-@numba.njit(cache=True, nogil=True)
-def _gather_int8(packed, scales, positions, out):
-    """packed: int8[N, D + 4], each row's values then its float32 scale; scales: the same memory as
-    float32[N, (D + 4) / 4], so the scale column is D / 4. One row, one place in memory."""
-    n = positions.shape[0]
-    column = out.shape[1] // 4
-    for i in range(n):
-        if i + _PREFETCH_AHEAD < n:
-            prefetch(packed, positions[i + _PREFETCH_AHEAD])
-        p = positions[i]
-        scale = scales[p, column]
-        for j in range(out.shape[1]):
-            out[i, j] = np.float32(packed[p, j]) * scale
-
-
-def pack_int8(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """int8 rows and their scales as one int8[N, D + 4] array, each row's scale after its values
-    (D a multiple of 4), so a random read of a row touches one place, not two arrays."""
-    if values.shape[1] % 4:
-        raise ValueError(f"packed int8 rows require a dim that is a multiple of 4, got {values.shape[1]}")
-    packed = np.empty((values.shape[0], values.shape[1] + 4), dtype=np.int8)
-    packed[:, : values.shape[1]] = values
-    packed[:, values.shape[1]:] = scales.astype("<f4").view(np.int8).reshape(-1, 4)
-    return packed
-
-
-def _gather(row_dtype: str, stored: tuple, positions: np.ndarray, out: np.ndarray) -> None:
-    if row_dtype == "fp32":
-        _gather_fp32(stored[0], positions, out)
-    elif row_dtype == "fp16":
-        _gather_fp16(stored[0], positions, out)
-    else:
-        _gather_int8(stored[0], stored[1], positions, out)
-
-
-def gather_rates(rows: int, dim: int, seed: int = 0) -> dict[str, float]:
-    """Million random rows per second read and decoded per row type (see the module docstring)."""
+def lookup_rates(rows: int, dim: int, seed: int = 0) -> dict:
+    """Per row type: lookup M keys/s and table bytes per row on a table of ``rows`` random FIDs, plus the numpy
+    gather of as many random rows from a dense fp32 array (``gather``); see the module docstring."""
     rng = np.random.default_rng(seed)
-    master = rng.standard_normal((rows, dim), dtype=np.float32) * np.float32(0.05)
-    stored = {}
+    fids = np.unique(rng.integers(1, 2**63 - 1, rows, dtype=np.int64)).view(np.uint64)
+    rng.shuffle(fids)
+    master = rng.standard_normal((fids.shape[0], dim), dtype=np.float32) * np.float32(0.05)
+    tables, figures = {}, {}
     for row_dtype in ROW_DTYPES:
-        values, scales = quantize_rows(master, row_dtype)
-        if row_dtype == "int8":
-            packed = pack_int8(values, scales)
-            stored[row_dtype] = (packed, packed.view(np.float32))
-        else:
-            stored[row_dtype] = (values.view(np.uint16) if row_dtype == "fp16" else values, None)
-    del master
-    lookups = max(_GATHER_BATCH, min(rows, 2_000_000))
-    positions = rng.integers(0, rows, lookups)
-    out = np.empty((_GATHER_BATCH, dim), dtype=np.float32)
-    for row_dtype in ROW_DTYPES:  # compile, and check the decode against numpy's on the first batch
-        _gather(row_dtype, stored[row_dtype], positions[:_GATHER_BATCH], out)
-        first = stored[row_dtype][0][positions[:_GATHER_BATCH]]
-        if row_dtype == "fp16":
-            first = first.view(np.float16)
-        elif row_dtype == "int8":
-            first = first[:, :dim].astype(np.float32) * first[:, dim:].copy().view(np.float32)
-        np.testing.assert_array_equal(out, first.astype(np.float32))
-    best = {t: float("inf") for t in ROW_DTYPES}
-    for _ in range(_GATHER_ROUNDS):
-        for row_dtype in ROW_DTYPES:
+        _progress(f"a {row_dtype} table of {fids.shape[0]:,} rows")
+        table = EmbeddingTable(dim, capacity=int(fids.shape[0] / 0.98) + 1, row_dtype=row_dtype)
+        for a in range(0, fids.shape[0], 1 << 16):
+            table.upsert(fids[a:a + (1 << 16)], master[a:a + (1 << 16)], now=1.0)
+        state = table._state
+        figures[row_dtype] = {"table_bytes_per_row": round(
+            (state.keys.nbytes + state.rows.nbytes + state.stamps.nbytes) / len(table), 1)}
+        tables[row_dtype] = table
+    queries = fids[rng.permutation(fids.shape[0])]
+    positions = rng.integers(0, fids.shape[0], fids.shape[0])
+    out = np.empty((_BATCH, dim), dtype=np.float32)
+    order = np.argsort(fids)
+    first = master[order[np.searchsorted(fids[order], queries[:_BATCH])]]
+    for row_dtype, table in tables.items():  # compiled, and serving the rows as quantized
+        table.lookup(queries[:_BATCH], out=out)
+        if not np.array_equal(out, quantized(first, row_dtype)):
+            raise AssertionError(f"the {row_dtype} table's lookups are not its rows as quantized")
+    runs = {**{t: (lambda a, b, t=t: tables[t].lookup(queries[a:b], out=out[: b - a])) for t in ROW_DTYPES},
+            "gather": lambda a, b: np.take(master, positions[a:b], axis=0, out=out[: b - a])}
+    best = {name: float("inf") for name in runs}
+    _progress(f"lookups of {fids.shape[0]:,} present FIDs per row type and a numpy gather, best of {_ROUNDS} "
+              f"interleaved rounds")
+    for _ in range(_ROUNDS):
+        for name, run in runs.items():
             t0 = time.perf_counter()
-            for a in range(0, lookups, _GATHER_BATCH):
-                b = min(lookups, a + _GATHER_BATCH)
-                _gather(row_dtype, stored[row_dtype], positions[a:b], out[: b - a])
-            best[row_dtype] = min(best[row_dtype], time.perf_counter() - t0)
-    return {t: round(lookups / best[t] / 1e6, 2) for t in ROW_DTYPES}
+            for a in range(0, fids.shape[0], _BATCH):
+                run(a, min(fids.shape[0], a + _BATCH))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    for row_dtype in ROW_DTYPES:
+        figures[row_dtype]["lookup_mkeys_per_s"] = round(fids.shape[0] / best[row_dtype] / 1e6, 2)
+    return {"rows": fids.shape[0], "gather_mrows_per_s": round(fids.shape[0] / best["gather"] / 1e6, 2),
+            "row_types": figures}
+
+
+def ranker_cpu_us(model: TrainerModel, schema: FeatureSchema, user: np.ndarray, items: np.ndarray) -> dict:
+    """CPU microseconds of ``RankerRuntime.score`` per request of up to _CANDIDATES held-out items, per row type."""
+    requests = [RankRequest(b"r", 1.0, user[a], items[a:a + _CANDIDATES])
+                for a in range(0, min(len(user), _SCORED_REQUESTS * _CANDIDATES), _CANDIDATES)]
+    best = {t: float("inf") for t in ROW_DTYPES}
+    with tempfile.TemporaryDirectory(prefix="row-dtype-") as tmp:
+        write_snapshot(tmp, model.serving_table(), model.dense_state(), 1)
+        runtimes = {t: RankerRuntime(schema, tmp, f"bench-{t}", row_dtype=t) for t in ROW_DTYPES}
+        try:
+            for round_ in range(_ROUNDS):
+                for row_dtype in ROW_DTYPES[round_ % 3:] + ROW_DTYPES[:round_ % 3]:  # each goes first in turn
+                    runtime = runtimes[row_dtype]
+                    t0 = time.thread_time()
+                    for request in requests:
+                        runtime.score([request])
+                    best[row_dtype] = min(best[row_dtype], time.thread_time() - t0)
+        finally:
+            for runtime in runtimes.values():
+                runtime.close(snapshot=False)
+    return {t: round(best[t] / len(requests) * 1e6, 1) for t in ROW_DTYPES}
 
 
 def _predict_as(model: TrainerModel, row_dtype: str, user: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Held-out probabilities with the model's embedding rows as a ``row_dtype`` table serves them."""
-    served = EmbeddingTable(model.dim, capacity=max(1024, int(len(model.table) / 0.9)))
+    """Held-out probabilities with the model's embedding rows in a serving table of ``row_dtype``."""
+    served = _presized(model.dim, len(model.table), row_dtype)
     for fids, rows, stamps in model.table.items():
-        served.upsert(fids, quantized(rows[:, : model.dim], row_dtype), now=stamps)
+        served.upsert(fids, rows[:, : model.dim], now=stamps)
     trained, model.table = model.table, served
     try:
         return model.predict(user, items)
@@ -170,14 +145,16 @@ def _predict_as(model: TrainerModel, row_dtype: str, user: np.ndarray, items: np
 
 
 def run_row_dtype(schema: FeatureSchema, seeds: int, quick: bool, examples: Examples | None = None,
-                  dataset: str = "ml-100k", gather_rows: int | None = None) -> dict:
-    """AUC per row type (paired loss against fp32), bytes per row and decode-gather rate; see the module doc."""
+                  dataset: str = "ml-100k", lookup_rows: int | None = None) -> dict:
+    """AUC per row type (paired loss against fp32), bytes per row, lookup rate and ranker CPU per request;
+    see the module doc."""
     ex = experiment_examples(schema, dataset, quick, examples)
     split = int(len(ex) * 0.8)
     user, items, labels = ex.user_fids[split:], ex.item_fids[split:], ex.labels[split:]
     aucs: dict[str, list[float]] = {t: [] for t in ROW_DTYPES}
     diffs: dict[str, list[float]] = {t: [] for t in ROW_DTYPES}
     table_rows = []
+    model = None
     for seed in range(seeds):
         model = seeded_model(schema, seed)
         train_span(model, ex, ex.user_fids, ex.item_fids, 0, split)
@@ -188,14 +165,15 @@ def run_row_dtype(schema: FeatureSchema, seeds: int, quick: bool, examples: Exam
             reference = scores if reference is None else reference
             aucs[row_dtype].append(auc(labels, scores))
             diffs[row_dtype].append(float(np.abs(scores - reference).max()))
-            print(f"[row-dtype] seed {seed}: {row_dtype} AUC {aucs[row_dtype][-1]:.5f}", file=sys.stderr, flush=True)
-    gather_rows = gather_rows or (_QUICK_GATHER_ROWS if quick else _GATHER_ROWS)
-    print(f"[row-dtype] gather of random rows from {gather_rows:,} x {schema.dim}", file=sys.stderr, flush=True)
-    rates = gather_rates(gather_rows, schema.dim)
+            _progress(f"seed {seed}: {row_dtype} AUC {aucs[row_dtype][-1]:.5f}")
+    _progress(f"ranker CPU per request of {_CANDIDATES} held-out candidates (seed {seeds - 1}'s model)")
+    cpu = ranker_cpu_us(model, schema, user, items)
+    lookups = lookup_rates(lookup_rows or (_QUICK_LOOKUP_ROWS if quick else _LOOKUP_ROWS), schema.dim)
     rows = []
     for row_dtype in ROW_DTYPES:
         loss = np.array(aucs["fp32"]) - np.array(aucs[row_dtype])
         row_bytes = bytes_per_row(schema.dim, row_dtype)
+        measured = lookups["row_types"][row_dtype]
         rows.append({"variant": row_dtype, "auc_mean": round(float(np.mean(aucs[row_dtype])), 5),
                      "auc_std": round(float(np.std(aucs[row_dtype])), 5), "seeds": seeds,
                      "aucs": [round(a, 6) for a in aucs[row_dtype]],
@@ -203,21 +181,28 @@ def run_row_dtype(schema: FeatureSchema, seeds: int, quick: bool, examples: Exam
                      "auc_loss_max": round(float(loss.max()), 6) + 0.0,
                      "score_max_abs_diff": float(f"{max(diffs[row_dtype]):.3g}"), "row_bytes": row_bytes,
                      "slot_bytes": _KEY_BYTES + row_bytes + _STAMP_BYTES,
-                     "gather_mrows_per_s": rates[row_dtype],
-                     "gather_vs_fp32": round(rates[row_dtype] / rates["fp32"], 3)})
+                     "table_bytes_per_row": measured["table_bytes_per_row"],
+                     "lookup_mkeys_per_s": measured["lookup_mkeys_per_s"],
+                     "lookup_vs_fp32": round(measured["lookup_mkeys_per_s"]
+                                             / lookups["row_types"]["fp32"]["lookup_mkeys_per_s"], 3),
+                     "ranker_cpu_us_per_request": cpu[row_dtype],
+                     "ranker_cpu_vs_fp32": round(cpu[row_dtype] / cpu["fp32"], 3)})
     return {"experiment": "row-dtype", "dataset": dataset, "rows": rows, "dim": schema.dim,
             "train_examples": split, "test_examples": len(ex) - split, "table_rows": table_rows,
-            "gather_rows": gather_rows, "gather_batch": _GATHER_BATCH, "targets": {"fp16": 0.001, "int8": 0.003}}
+            "lookup_rows": lookups["rows"], "lookup_batch": _BATCH, "gather_mrows_per_s": lookups["gather_mrows_per_s"],
+            "candidates_per_request": _CANDIDATES, "targets": {"fp16": 0.001, "int8": 0.003}}
 
 
 def format_row_dtype(result: dict) -> str:
     title = DATASET_TITLES.get(result["dataset"], result["dataset"])
-    lines = [f"row-dtype ({title}, time-ordered; dim {result['dim']}, {result['rows'][0]['seeds']} seeds; gather "
-             f"from {result['gather_rows']:,} rows)",
-             f"  {'row type':<8} {'AUC mean':>9} {'loss vs fp32':>13} {'max loss':>9} {'row B':>6} {'slot B':>7} "
-             f"{'gather Mrows/s':>15} {'vs fp32':>8}"]
+    lines = [f"row-dtype ({title}, time-ordered; dim {result['dim']}, {result['rows'][0]['seeds']} seeds; lookups "
+             f"on {result['lookup_rows']:,} rows, numpy gather {result['gather_mrows_per_s']:.2f} M rows/s; ranker "
+             f"CPU per request of {result['candidates_per_request']} candidates)",
+             f"  {'row type':<8} {'AUC mean':>9} {'loss vs fp32':>13} {'max loss':>9} {'row B':>6} {'table B/row':>12} "
+             f"{'lookup M/s':>11} {'vs fp32':>8} {'ranker CPU us':>14} {'vs fp32':>8}"]
     for r in result["rows"]:
         lines.append(f"  {r['variant']:<8} {r['auc_mean']:>9.5f} {r['auc_loss_mean']:>13.6f} {r['auc_loss_max']:>9.6f} "
-                     f"{r['row_bytes']:>6} {r['slot_bytes']:>7} {r['gather_mrows_per_s']:>15.2f} "
-                     f"{r['gather_vs_fp32']:>8.3f}")
+                     f"{r['row_bytes']:>6} {r['table_bytes_per_row']:>12.1f} {r['lookup_mkeys_per_s']:>11.2f} "
+                     f"{r['lookup_vs_fp32']:>8.3f} {r['ranker_cpu_us_per_request']:>14.1f} "
+                     f"{r['ranker_cpu_vs_fp32']:>8.3f}")
     return "\n".join(lines)
