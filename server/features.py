@@ -10,7 +10,8 @@ FID rule (reproducible in any language)::
                little-endian unsigned 64-bit integer.
 
 So ``fid(slot, value) = (slot << 48) | (H(value) & (2**48 - 1))``. Bit 63 is
-always 0, so a FID can never equal the table's reserved empty key (2**64 - 1).
+always 0, so a FID can never equal the table's reserved empty key (``EMPTY_KEY``,
+2**64 - 1, which marks free slots in server.table).
 Slot 0 is reserved: ``PAD_FID = 0`` pads multi-valued slots and is never a
 real feature (lookups skip it).
 
@@ -46,6 +47,7 @@ SIGNATURE_BITS = 48
 MAX_SLOT = (1 << SLOT_BITS) - 1
 SLOT_IDS = 1 << (64 - SIGNATURE_BITS)  # values of fid >> SIGNATURE_BITS over every 64-bit key (bit 63 included)
 PAD_FID = 0
+EMPTY_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)  # never a FID (bit 63): free table slots, refused in requests
 _SIGNATURE_MASK = (1 << SIGNATURE_BITS) - 1
 _SIDES = ("user", "context", "item")
 _POOLINGS = ("sum", "mean")

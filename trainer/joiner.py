@@ -20,7 +20,7 @@ after the joiner first reads it:
                             request was never seen), not trained on
 
 Join keys (the id contract, README "Ids"). The ranker gives every impression
-an id the client cannot choose (server.runtime.ranker.new_impression_ids), logs it
+an id the client cannot choose (server.runtime.requests.new_impression_ids), logs it
 with the features and returns it; feedback echoes it. The key of an
 impression is that id; a feature record without one (written before issue
 20) is keyed by its log and position in it, which are unique too. The

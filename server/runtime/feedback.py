@@ -19,12 +19,12 @@ from typing import Mapping
 
 import numpy as np
 
-from server.features import PAD_FID
+from server.features import EMPTY_KEY, PAD_FID
 from server.clock import TimeWindow
-from server.runtime.ranker import DEFAULT_WINDOW, RequestError, expect_tensor, parse_impression_id, parse_request_id, parse_time
+from server.runtime.requests import (DEFAULT_WINDOW, RequestError, expect_tensor, parse_impression_id, parse_request_id,
+                                     parse_time)
 from server.streams.records import FeedbackRecord
 from server.streams import FEEDBACK, BackgroundAppender, open_streams, segment_bytes_from_env
-from server.table import EMPTY_KEY
 
 MAX_ACTIONS = 1024
 FEEDBACK_LOG_QUEUE = 10_000

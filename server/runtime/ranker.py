@@ -21,7 +21,6 @@ batch never mixes two dense versions. Nothing on this path imports torch.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -33,12 +32,13 @@ import numba
 import numpy as np
 import threadpoolctl
 
-from server.clock import FLAGS, TimeWindow
+from server.clock import TimeWindow
 from server.dense import fit_dense_state, initial_dense_state
 from server.features import PAD_FID, SIGNATURE_BITS, FeatureSchema, slot_of
 from server.runtime.scoring import DeepFMScorer
 from server.streams import FEATURES, BackgroundAppender, open_streams, segment_bytes_from_env
 from server.streams.records import FeatureRecord
+from server.runtime.requests import DEFAULT_WINDOW, RequestError, expect_tensor, now_s, parse_request_id, parse_time
 from server.streams.snapshots import list_snapshots, load_latest_snapshot, write_snapshot
 from server.table import EMPTY_KEY, EmbeddingTable
 from server.table.quantize import ROW_DTYPES, storage_layout
@@ -46,8 +46,6 @@ from server.table.quantize import ROW_DTYPES, storage_layout
 log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 4096
-MAX_REQUEST_ID_BYTES = 256
-IMPRESSION_ID_BYTES = 32  # 128 random bits as lowercase hex: server.runtime.ranker.new_impression_ids
 FEATURE_LOG_QUEUE = 10_000
 FEATURE_LOG_SUBMIT_TIMEOUT_S = 0.05
 FEATURE_LOG_LINGER_S = 0.02  # one append run + fsync per 20 ms under load, not per batch
@@ -57,12 +55,6 @@ SHIFT_U64 = np.uint64(SIGNATURE_BITS)
 PAD_U64 = np.uint64(PAD_FID)
 
 
-DEFAULT_WINDOW = TimeWindow()
-
-
-class RequestError(ValueError):
-    """A request the ranker refuses; the message names the input and the fault."""
-
 
 @dataclass
 class RankRequest:
@@ -70,17 +62,6 @@ class RankRequest:
     request_time_s: float
     user_fids: np.ndarray  # uint64[Wu]
     item_fids: np.ndarray  # uint64[N, Wi]
-
-
-def expect_tensor(name: str, value: np.ndarray | None, dtype, ndim: int) -> np.ndarray:
-    """``value`` if it is present with ``dtype`` and rank ``ndim``, else RequestError naming input ``name``."""
-    if value is None:
-        raise RequestError(f"input '{name}' is required but missing")
-    if value.dtype != dtype:
-        raise RequestError(f"input '{name}' requires dtype {np.dtype(dtype).name}, got {value.dtype}")
-    if value.ndim != ndim:
-        raise RequestError(f"input '{name}' requires rank {ndim}, got shape {list(value.shape)}")
-    return value
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,69 +129,6 @@ def parse_rank_request(inputs: Mapping[str, np.ndarray | None], schema: FeatureS
     request_id = parse_request_id(inputs.get("request_id"))
     request_time = parse_time("timestamp", inputs.get("timestamp"), now_s, window)
     return RankRequest(request_id, request_time, user, items)
-
-
-def _one_string(name: str, value: np.ndarray | None):
-    """The one element of a BYTES [1] input, str encoded to bytes (other kinds returned as they are)."""
-    value = expect_tensor(name, value, np.object_, 1)
-    if value.shape[0] != 1:
-        raise RequestError(f"input '{name}' requires shape [1], got {list(value.shape)}")
-    item = value[0]
-    return item.encode() if isinstance(item, str) else item
-
-
-def parse_request_id(value: np.ndarray | None) -> bytes:
-    rid = _one_string("request_id", value)
-    if not isinstance(rid, bytes) or not 1 <= len(rid) <= MAX_REQUEST_ID_BYTES:
-        size = len(rid) if isinstance(rid, bytes) else type(rid).__name__
-        raise RequestError(f"input 'request_id' requires 1 to {MAX_REQUEST_ID_BYTES} bytes, got {size}")
-    return rid
-
-
-def new_impression_ids(count: int) -> list[bytes]:
-    """``count`` impression ids, each 128 random bits as 32 lowercase hex ASCII bytes.
-
-    The ranker gives one to every request it scores: it is returned in the
-    response, logged with the features, and feedback echoes it; the joiner
-    keys on it, never on the client's request_id. Random rather than a counter,
-    so instances, replicas and restarts need no coordination (two of 2**40
-    impressions collide with odds of 2**-49) and one caller cannot guess
-    another's ids."""
-    raw = os.urandom(16 * count).hex().encode()
-    return [raw[k : k + IMPRESSION_ID_BYTES] for k in range(0, len(raw), IMPRESSION_ID_BYTES)]
-
-
-def parse_impression_id(value: np.ndarray | None) -> bytes:
-    """The optional ``impression_id`` input of feedback: b"" when absent, else exactly what the ranker
-    returned (IMPRESSION_ID_BYTES lowercase hex characters)."""
-    if value is None:
-        return b""
-    iid = _one_string("impression_id", value)
-    if (not isinstance(iid, bytes) or len(iid) != IMPRESSION_ID_BYTES
-            or iid.strip(b"0123456789abcdef") != b""):
-        shown = repr(iid[:40]) if isinstance(iid, bytes) else type(iid).__name__
-        raise RequestError(f"input 'impression_id' requires the {IMPRESSION_ID_BYTES} lowercase hex characters "
-                           f"the ranker returned, got {shown}")
-    return iid
-
-
-def parse_time(name: str, value: np.ndarray | None, now_s: float, window: TimeWindow = DEFAULT_WINDOW) -> float:
-    """An optional FP64 [1] time in Unix seconds: ``now_s`` (the server's receive time) when absent,
-    refused when outside ``window`` around ``now_s``."""
-    if value is None:
-        return now_s
-    value = expect_tensor(name, value, np.float64, 1)
-    if value.shape[0] != 1:
-        raise RequestError(f"input '{name}' requires shape [1], got {list(value.shape)}")
-    t = float(value[0])
-    if not math.isfinite(t) or t <= 0:
-        raise RequestError(f"input '{name}' requires a finite time > 0 (Unix seconds), got {t}")
-    outside = window.refusal(t, now_s)
-    if outside is not None:
-        raise RequestError(f"input '{name}' requires a time within {window.describe()} the server's clock "
-                           f"({now_s:.3f}), got {t:.3f} ({outside} it); omit it to use the server's receive "
-                           f"time, or widen monolith-rt serve {FLAGS['ahead_s']} / {FLAGS['behind_s']}")
-    return t
 
 
 class RankerRuntime:
@@ -375,7 +293,3 @@ def limit_compute_threads(value: str) -> int:
         raise ValueError(f"parameter compute_threads requires an integer >= 1, got {value!r}")
     threadpoolctl.threadpool_limits(threads, user_api="blas")
     return threads
-
-
-def now_s() -> float:
-    return time.time()

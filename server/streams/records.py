@@ -83,7 +83,7 @@ class FeatureRecord:
     user_fids: np.ndarray  # uint64[Wu]
     item_fids: np.ndarray  # uint64[N, Wi]
     scores: np.ndarray  # float32[N]
-    impression_id: bytes = b""  # the ranker's (server.runtime.ranker.new_impression_ids); empty in version 1 records
+    impression_id: bytes = b""  # the ranker's (server.runtime.requests.new_impression_ids); empty in version 1 records
 
     def encode(self) -> bytes:
         _check_ids("feature", self.request_id, self.impression_id)

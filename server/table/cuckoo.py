@@ -55,6 +55,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from server.features import EMPTY_KEY
 from server.table._atomics import (
     HOST_HAS_F16C,
     f32_from_bits,
@@ -69,7 +70,6 @@ from server.table._atomics import (
     store_release,
 )
 
-EMPTY_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)
 SLOTS = 8
 
 # Status codes.

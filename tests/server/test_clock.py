@@ -9,7 +9,8 @@ import pytest
 from server.clock import ENV, TimeWindow
 from server.features import shipped_schema
 from server.runtime.feedback import parse_feedback_request
-from server.runtime.ranker import RequestError, parse_rank_request
+from server.runtime.ranker import parse_rank_request
+from server.runtime.requests import RequestError
 
 SCHEMA = shipped_schema()
 NOW = 1_764_000_000.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server.features import fid, shipped_schema
-from server.runtime.ranker import new_impression_ids
+from server.runtime.requests import new_impression_ids
 from server.streams import SegmentLogWriter
 from server.streams.records import FeatureRecord, FeedbackRecord
 from trainer.joiner import COUNTERS, Joiner

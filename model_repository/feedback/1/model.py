@@ -10,7 +10,7 @@ from server.runtime import triton_adapter as triton
 from server.clock import TimeWindow
 from server.features import load_schema
 from server.runtime.feedback import FeedbackRuntime, parse_feedback_request
-from server.runtime.ranker import RequestError, now_s
+from server.runtime.requests import RequestError, now_s
 
 INPUTS = ("request_id", "impression_id", "item_fids", "labels", "event_time")
 METRICS_INTERVAL_S = 1.0

@@ -10,8 +10,8 @@ import triton_python_backend_utils as pb_utils
 from server.runtime import triton_adapter as triton
 from server.clock import TimeWindow
 from server.features import load_schema
-from server.runtime.ranker import (RankerRuntime, RequestError, limit_compute_threads, new_impression_ids, now_s,
-                           parse_rank_request, row_dtype_from_settings)
+from server.runtime.ranker import RankerRuntime, limit_compute_threads, parse_rank_request, row_dtype_from_settings
+from server.runtime.requests import RequestError, new_impression_ids, now_s
 from server.runtime.shared_ranker import SharedRankerRuntime
 from updater.applier import DeltaApplier
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from server.runtime.feedback import parse_feedback_request
-from server.runtime.ranker import RequestError, new_impression_ids
+from server.runtime.requests import RequestError, new_impression_ids
 
 
 def inputs(labels, **extra):

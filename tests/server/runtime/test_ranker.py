@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from server.features import PAD_FID, shipped_schema
-from server.runtime.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, RequestError, parse_rank_request
+from server.runtime.ranker import MAX_CANDIDATES, RankerRuntime, RankRequest, parse_rank_request
+from server.runtime.requests import RequestError
 from server.runtime.scoring_bench import reference_pool
 from server.dense import deepfm_logits
 
@@ -51,7 +52,7 @@ def test_parse_rejects_before_scoring():
 
 
 def test_impression_ids_are_unique_hex_and_logged_with_the_features(tmp_path):
-    from server.runtime.ranker import IMPRESSION_ID_BYTES, new_impression_ids, parse_impression_id
+    from server.runtime.requests import IMPRESSION_ID_BYTES, new_impression_ids, parse_impression_id
     from server.streams import SegmentLogReader
     from server.streams.records import FeatureRecord
 

@@ -89,3 +89,35 @@ def test_no_module_below_the_trainer_imports_torch():
                          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 found += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "torch"]
     assert found == [], f"torch imported by serving code: {found}"
+
+
+FEEDBACK_ONLY = r"""
+import importlib.util, json, sys, time, types
+from pathlib import Path
+
+import numpy as np
+
+sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")  # Triton's stub only
+root, data = Path(sys.argv[1]), Path(sys.argv[2])
+spec = importlib.util.spec_from_file_location("feedback_model", root / "model_repository" / "feedback" / "1" / "model.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+from server.runtime.feedback import FeedbackRuntime, parse_feedback_request
+from server.features import fid
+
+feedback = FeedbackRuntime(data, "feedback_0")
+durable = feedback.append(parse_feedback_request({"request_id": np.array([b"r"], dtype=object),
+                                                  "item_fids": np.array([fid(3, 7)], np.uint64),
+                                                  "labels": np.ones(1, np.float32)}, time.time()))
+feedback.close()
+print(json.dumps({"durable": durable, "jit": sorted(m for m in sys.modules if m.split(".")[0] in ("numba", "llvmlite"))[:5]}))
+"""
+
+
+def test_the_feedback_stub_runs_without_numba(tmp_path):
+    """numba's JIT and LLVM cost a process about 60 MB; the feedback stub parses and appends clicks and needs
+    neither (its validation lives in server.runtime.requests, not in the ranker's module)."""
+    done = subprocess.run([sys.executable, "-c", FEEDBACK_ONLY, str(ROOT), str(tmp_path / "data")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"durable": True, "jit": []}, result
