@@ -13,8 +13,9 @@ Beside AUC, per row type, all in the same run:
     row_bytes              the stored row (dim 16: 64, 32, 16 + a 4-byte scale)
     slot_bytes             a table slot: key (8) + row + update stamp (8)
     table_bytes_per_row    a table of ``lookup_rows`` random FIDs, presized at the growth bound (0.98) as
-                           ``bench table`` presizes one: its keys, rows and stamps arrays over its rows (free
-                           slots included: 4M rows fill 0.954 of 2**22 slots)
+                           ``bench table`` presizes one: its arrays (``EmbeddingTable.nbytes``: keys, rows,
+                           stamps, seqlock versions) over its rows (free slots included: 4M rows fill 0.954
+                           of 2**22 slots)
     lookup_mkeys_per_s     the cuckoo lookup (server.table.cuckoo.lookup_batch, decoding to float32) on that
                            table: present FIDs in random order, batches of 4096, one thread, best of 5 rounds,
                            the row types interleaved; ``gather_mrows_per_s`` is a numpy gather of as many
@@ -80,9 +81,7 @@ def lookup_rates(rows: int, dim: int, seed: int = 0) -> dict:
         table = EmbeddingTable(dim, capacity=int(fids.shape[0] / 0.98) + 1, row_dtype=row_dtype)
         for a in range(0, fids.shape[0], 1 << 16):
             table.upsert(fids[a:a + (1 << 16)], master[a:a + (1 << 16)], now=1.0)
-        state = table._state
-        figures[row_dtype] = {"table_bytes_per_row": round(
-            (state.keys.nbytes + state.rows.nbytes + state.stamps.nbytes) / len(table), 1)}
+        figures[row_dtype] = {"table_bytes_per_row": round(table.nbytes / len(table), 1)}
         tables[row_dtype] = table
     queries = fids[rng.permutation(fids.shape[0])]
     positions = rng.integers(0, fids.shape[0], fids.shape[0])
