@@ -60,7 +60,8 @@ import numpy as np
 
 from server.table import cuckoo
 from server.table.cuckoo import EMPTY_KEY, SLOTS
-from server.table.quantize import decode_rows, encode_rows, row_dtype_code, row_dtype_of_code, storage_layout
+from server.table.quantize import (bytes_per_row, decode_rows, encode_rows, row_dtype_code, row_dtype_of_code,
+                                   storage_layout)
 from server.durable import fsync_path
 from server.features import SIGNATURE_BITS, SLOT_IDS
 
@@ -204,7 +205,7 @@ class EmbeddingTable:
     @property
     def bytes_per_row(self) -> int:
         """Bytes one slot's row takes in this table's row type (its key and stamp not counted)."""
-        return self._storage_width * self._storage_dtype.itemsize
+        return bytes_per_row(self.dim, self.row_dtype)
 
     @property
     def load_factor(self) -> float:

@@ -110,9 +110,8 @@ def decode_rows(storage: np.ndarray, row_dtype: str) -> np.ndarray:
 
 def bytes_per_row(dim: int, row_dtype: str) -> int:
     """Bytes one row of ``dim`` values takes in ``row_dtype`` (values plus its scale for int8; no key)."""
-    _check_row_dtype(row_dtype)
-    scale = 4 if row_dtype == "int8" else 0
-    return dim * np.dtype(_VALUE_DTYPES[row_dtype]).itemsize + scale
+    dtype, width = storage_layout(dim, row_dtype)
+    return width * dtype.itemsize
 
 
 def quantize_rows(rows: np.ndarray, row_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
