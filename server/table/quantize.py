@@ -49,7 +49,6 @@ __all__ = ["FP16_MAX", "ROW_DTYPES", "bytes_per_row", "decode_rows", "dequantize
 ROW_DTYPES = ("fp32", "fp16", "int8")
 _STORAGE_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 _SCALE_BYTES = 4
-_VALUE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 _INT8_MAX = 127
 
